@@ -1,0 +1,1 @@
+"""Gemma model definitions as Keras 3 layers."""
