@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import difflib
 from functools import lru_cache
-from pathlib import Path
 
 import yaml
 
+from gemma_tune.config.paths import PROJECT_ROOT
 from gemma_tune.errors import ConfigError
 from gemma_tune.models.config import Architecture
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS_DIR = PROJECT_ROOT / "configs"
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 

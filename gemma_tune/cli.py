@@ -1,0 +1,124 @@
+"""The `gemma-tune` command line. Each subcommand is a thin shell over the Python API.
+
+User errors (a bad recipe, a missing file, bad data) print one clear message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gemma_tune.errors import EXIT_USER_ERROR, UserError
+
+EPILOG = """examples:
+  gemma-tune list
+  gemma-tune validate recipes/quickstart.yaml
+  gemma-tune run recipes/quickstart.yaml --backend torch train.max_steps=50 lora.rank=8
+"""
+
+
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None,
+                        help="Keras backend (wins over the recipe's `backend:` and KERAS_BACKEND; default jax)")
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides typed by the recipe schema, e.g. train.learning_rate=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemma-tune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Fine-tune Gemma models with Keras 3 on JAX, TensorFlow or PyTorch, driven by YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a recipe and print what it would run; builds nothing",
+                       description="Compose, override and validate a recipe. Every problem is reported with "
+                                   "the file, the key and what was expected; exit code 2 if any.")
+    _add_recipe(p)
+    _add_backend(p)
+    p.set_defaults(handler=_validate)
+
+    p = sub.add_parser("run", help="train (and export) as a recipe says",
+                       description="Run a recipe: the run directory (output_dir) receives the resolved "
+                                   "recipe, a manifest, logs, metrics, checkpoints and exports. A run "
+                                   "directory with a checkpoint is resumed automatically.")
+    _add_recipe(p)
+    _add_backend(p)
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=None,
+                        help="require a checkpoint in the run directory and continue from it")
+    resume.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start afresh even if the run directory has a checkpoint")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("list", help="list the bundled recipes and model presets",
+                       description="List recipes/ and configs/models/ presets with a line on each.")
+    p.set_defaults(handler=_list)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from gemma_tune.config import load_recipe, recipe_architecture
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    backend = args.backend or recipe.backend
+    arch = recipe_architecture(recipe)
+    lora = (f"LoRA rank {recipe.lora.rank} on {','.join(recipe.lora.targets)}" if recipe.lora
+            else "full fine-tuning")
+    length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs")
+    print(f"{args.recipe}: OK")
+    print(f"  run      {recipe.name} -> {recipe.output_dir} (backend {backend or 'from KERAS_BACKEND, else jax'})")
+    print(f"  model    {recipe.model.preset or 'custom'} ({arch.family}, {arch.num_layers} layers, "
+          f"hidden {arch.hidden_size}) weights={recipe.model.weights or 'random init'} dtype={recipe.model.dtype}")
+    print(f"  method   {recipe.method}, {lora}" + (f", base quantised {recipe.quantize}" if recipe.quantize else ""))
+    print(f"  data     {recipe.data.train.format}: {recipe.data.train.path} (max_length {recipe.data.max_length}, "
+          f"packing {'on' if recipe.data.packing else 'off'})")
+    print(f"  train    {length}, batch {recipe.train.batch_size} x accum {recipe.train.grad_accum}, "
+          f"{recipe.train.optimizer} lr {recipe.train.learning_rate:g} {recipe.train.schedule}")
+    if recipe.export.formats:
+        print(f"  export   {', '.join(recipe.export.formats)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gemma_tune.runner import run
+
+    result = run(args.recipe, args.overrides, backend=args.backend, resume=args.resume)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from gemma_tune.config.presets import RECIPES_DIR, preset_description, preset_names
+
+    print("recipes:")
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                      if line.startswith("#")), "")
+        print(f"  {path.relative_to(RECIPES_DIR.parent)!s:<40} {first}")
+    print("model presets (configs/models/):")
+    for name in preset_names():
+        print(f"  {name:<22} {preset_description(name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as e:
+        print(f"gemma-tune: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("gemma-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

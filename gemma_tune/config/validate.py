@@ -1,0 +1,232 @@
+"""Recipe loading and validation: composed YAML -> a typed `Recipe`, or one `ConfigError` that lists
+every problem with the file that set it, the key path and what was expected. Nothing is built here:
+all checks run before any model or data is touched."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from gemma_tune.config import presets, schema
+from gemma_tune.config.compose import Provenance, compose_file, deep_merge, parse_overrides
+from gemma_tune.config.paths import is_remote, resolve_existing
+from gemma_tune.errors import ConfigError
+from gemma_tune.models.config import Architecture
+
+Problem = tuple[tuple[str, ...], str]
+
+
+def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = (),
+                check_files: bool = True) -> schema.Recipe:
+    """Compose, override and validate a recipe (a YAML path or a dict, as in the YAML file).
+
+    Relative paths (weights, tokenizer, data) are resolved to absolute ones, so the resolved recipe
+    re-runs from anywhere. With `check_files=False` missing local files are not errors (for tools that
+    only inspect a recipe).
+    """
+    provenance: Provenance = {}
+    if isinstance(source, Mapping):
+        origin, recipe_dir = "<recipe dict>", Path.cwd()
+        data = dict(source)
+        bases = data.pop("base", None) or []
+        merged: dict = {}
+        for entry in [bases] if isinstance(bases, str) else bases:
+            path = resolve_existing(entry)
+            if path is None:
+                raise ConfigError(f"base file '{entry}' not found", where=f"{origin}: base")
+            merged = deep_merge(merged, compose_file(path, provenance), provenance, str(path))
+        raw = deep_merge(merged, data, provenance, origin)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("recipe file not found", where=str(source))
+        origin, recipe_dir = str(path), path.resolve().parent
+        raw = compose_file(path, provenance)
+    raw = deep_merge(raw, parse_overrides(overrides), provenance, "command-line override")
+
+    try:
+        recipe = schema.Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error([_describe(err, raw) for err in e.errors()], provenance, origin) from None
+    problems = _check_semantics(recipe, recipe_dir, check_files)
+    if problems:
+        raise _config_error(problems, provenance, origin)
+    return recipe
+
+
+def recipe_architecture(recipe: schema.Recipe) -> Architecture:
+    """The model architecture a (validated) recipe names: its preset with `model.architecture` applied."""
+    overrides = recipe.model.architecture or {}
+    if recipe.model.preset:
+        return presets.preset_architecture(recipe.model.preset, **overrides)
+    return Architecture(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    add = lambda path, msg: problems.append((tuple(path.split(".")), msg))  # noqa: E731
+
+    if recipe.method not in schema.METHODS:
+        if recipe.method in schema.PLANNED_METHODS:
+            add("method", f"method '{recipe.method}' is not available yet (available: "
+                          f"{', '.join(schema.METHODS)}); it arrives with preference tuning")
+        else:
+            add("method", f"unknown method '{recipe.method}'{_suggest(recipe.method, schema.METHODS + schema.PLANNED_METHODS)}"
+                          f"; expected one of: {', '.join(schema.METHODS)}")
+
+    problems += _check_model(recipe)
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if source is None:
+            continue
+        if source.format not in schema.DATA_FORMATS:
+            planned = source.format in schema.PLANNED_DATA_FORMATS
+            add(f"data.{split}.format",
+                f"data format '{source.format}' is not available yet (it arrives with PaliGemma support)" if planned
+                else f"unknown data format '{source.format}'{_suggest(source.format, schema.DATA_FORMATS)}; "
+                     f"expected one of: {', '.join(schema.DATA_FORMATS)}")
+        elif recipe.method == "sft" and source.format == "preference":
+            add(f"data.{split}.format", "method sft trains on text, prompt_completion or chat data, not preference pairs")
+        resolved = _resolve_local(source.path, recipe_dir, looks_local=_looks_like_file(source.path))
+        if resolved is False and check_files:
+            add(f"data.{split}.path", f"data file or directory '{source.path}' not found")
+        elif isinstance(resolved, Path):
+            source.path = str(resolved)
+    if recipe.data.eval is not None and recipe.data.eval_fraction > 0:
+        add("data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
+
+    for key in ("weights", "tokenizer"):
+        value = getattr(recipe.model, key)
+        if value is None:
+            continue
+        resolved = _resolve_local(value, recipe_dir, looks_local=True)
+        if resolved is False and check_files:
+            what = "checkpoint directory" if key == "weights" else "SentencePiece model file"
+            add(f"model.{key}", f"{what} '{value}' not found (expected hf://ORG/NAME, kaggle://HANDLE or a local path)")
+        elif isinstance(resolved, Path):
+            setattr(recipe.model, key, str(resolved))
+    if recipe.model.weights is None and recipe.model.tokenizer is None:
+        add("model.tokenizer", "a randomly initialised model (model.weights: null) needs model.tokenizer: "
+                               "a SentencePiece .model file")
+
+    if recipe.quantize and recipe.lora is None:
+        add("quantize", "quantising the base model freezes it: it needs `lora:` adapters to train (QLoRA)")
+    if "peft" in recipe.export.formats and recipe.lora is None:
+        add("export.formats", "the peft format writes LoRA adapters: it needs `lora:`")
+    train = recipe.train
+    if train.max_steps is not None and train.warmup_steps >= train.max_steps:
+        add("train.warmup_steps", f"expected fewer warmup steps than train.max_steps ({train.max_steps}), "
+                                  f"got {train.warmup_steps}")
+    if train.max_steps is not None and train.epochs is not None:
+        add("train.epochs", "give either train.max_steps or train.epochs, not both")
+    if recipe.output_dir is None:
+        recipe.output_dir = str(Path("runs") / recipe.name)
+    return problems
+
+
+def _check_model(recipe: schema.Recipe) -> list[Problem]:
+    model = recipe.model
+    if model.preset is None and model.architecture is None:
+        return [(("model", "preset"), "expected a model preset (see `gemma-tune list`) or model.architecture")]
+    if model.preset is not None and model.preset not in presets.preset_names():
+        return [(("model", "preset"), f"unknown model preset '{model.preset}'"
+                 f"{_suggest(model.preset, presets.preset_names())}; run `gemma-tune list` for all")]
+    if model.preset is not None and model.preset.startswith("paligemma"):
+        return [(("model", "preset"), f"'{model.preset}' is a vision-language model: tuning it needs the image "
+                 "pipeline that arrives with PaliGemma support")]
+    try:
+        arch = recipe_architecture(recipe)
+    except ValidationError as e:
+        return [(("model", "architecture") + path, msg) for path, msg in
+                (_describe(err, model.architecture or {}, Architecture) for err in e.errors())]
+    if recipe.data.max_length > arch.max_position_embeddings:
+        return [(("data", "max_length"), f"expected at most the model's context of {arch.max_position_embeddings} "
+                 f"tokens, got {recipe.data.max_length}")]
+    return []
+
+
+def _looks_like_file(value: str) -> bool:
+    """A data `path` that is clearly local (an extension, ./, ~, /) rather than a hub dataset name."""
+    return (value.startswith((".", "/", "~")) or Path(value).suffix.lower() in
+            {".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow"} or value.count("/") >= 2)
+
+
+def _resolve_local(value: str, recipe_dir: Path, looks_local: bool) -> Path | bool | None:
+    """An existing local path (absolute), False if it should be local and is missing, None if remote."""
+    if is_remote(value):
+        return None
+    found = resolve_existing(value, relative_to=recipe_dir)
+    if found is not None:
+        return found
+    return False if looks_local else None
+
+
+# ---------------------------------------------------------------------------------------------------
+def _describe(err: dict, raw: Any, root: type[BaseModel] = schema.Recipe) -> Problem:
+    loc = tuple(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _fields_at(root, loc[:-1])
+        return loc, f"unknown key '{loc[-1]}'{_suggest(loc[-1], known)}"
+    if kind == "missing":
+        return loc, "required key is missing"
+    expected = (err["msg"].replace("Input should be greater", "expected a value greater")
+                .replace("Input should be less", "expected a value less")
+                .replace("Input should be", "expected").replace("Value error, ", ""))
+    if "input" in err and kind not in ("model_type",) and not isinstance(err["input"], (dict, list)):
+        return loc, f"{expected}, got {err['input']!r}"
+    return loc, expected
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Names of the fields of the (nested) schema model at `loc`."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _config_error(problems: list[Problem], provenance: Provenance, origin: str) -> ConfigError:
+    lines = []
+    for path, message in problems:
+        source = origin
+        for depth in range(len(path), 0, -1):
+            setters = [src for key, src in provenance.items() if key[:depth] == path[:depth]]
+            if setters:
+                source = setters[-1]
+                break
+        lines.append(f"  {_display(source)}: {'.'.join(path)}: {message}")
+    return ConfigError(f"invalid recipe ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n" + "\n".join(lines))
+
+
+def _display(source: str) -> str:
+    """A source file relative to the working directory when it lies below it."""
+    try:
+        return str(Path(source).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return source
