@@ -1,1 +1,10 @@
-"""gemma_tune.data."""
+"""gemma_tune.data: datasets -> Gemma chat template -> loss masks -> packed, deterministic batches.
+
+Entry point: `prepare(recipe.data, tokenizer, seed, cache_dir=None) -> PreparedData` (see
+docs/CONTRACTS.md, "Training batches").
+"""
+
+from gemma_tune.data.batches import Split
+from gemma_tune.data.prepare import PreparedData, prepare
+
+__all__ = ["PreparedData", "Split", "prepare"]

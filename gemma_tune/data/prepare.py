@@ -1,0 +1,154 @@
+"""`prepare(data, tokenizer, seed)`: a recipe's `data:` section -> packed or padded training rows.
+
+Steps: load (load.py) -> tokenise every row into ids + labels with `datasets.map` (render.py; cached
+under a fingerprint of the data, the tokenizer file and the settings; `num_proc` workers) -> report or
+skip invalid rows (file and 1-based row number) -> carve `eval_fraction` by seed -> truncate
+(right|left|drop, counted) -> pack best-fit-decreasing (or one sequence per row; preference pairs
+always one pair per row) -> arrays of the batch contract (pack.py) -> `Split`s (batches.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+
+from gemma_tune.data.batches import Split
+from gemma_tune.data.load import carve_eval, load_source
+from gemma_tune.data.pack import KEYS, best_fit_decreasing, build_rows, truncate
+from gemma_tune.data.render import Tokenise
+from gemma_tune.errors import DataError
+
+log = logging.getLogger("gemma_tune.data")
+
+REQUIRED_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
+                    "preference": ["prompt", "chosen", "rejected"]}
+RENDER_VERSION = "1"  # bump when rendering changes, so cached tokenisations are not reused
+PARALLEL_ROWS = 1000
+
+
+@dataclass
+class PreparedData:
+    """`train` / `eval` splits (eval None when there is none) and their `stats` ({"train": {...}, ...}:
+    rows, invalid, truncated, dropped, sequences, rows_out, tokens, trained_tokens, packing_efficiency)."""
+
+    train: Split
+    eval: Split | None
+    stats: dict = field(default_factory=dict)
+
+
+def _fingerprint(ds: datasets.Dataset, tokenizer, settings: dict) -> str:
+    h = hashlib.sha256(RENDER_VERSION.encode())
+    h.update(ds._fingerprint.encode())
+    h.update(tokenizer.model_path.read_bytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def tokenise(ds: datasets.Dataset, source, data, tokenizer) -> datasets.Dataset:
+    """Columns input_ids/labels (prefixed chosen_/rejected_ for preference) and error, one row per row."""
+    missing = [c for c in REQUIRED_COLUMNS[source.format] if c not in ds.column_names]
+    if missing:
+        raise DataError(f"format {source.format!r} needs columns {missing}; the data has {ds.column_names} "
+                        "(rename with `columns: {expected: in_data}`)", where=source.path)
+    if len(ds) == 0:
+        raise DataError("the dataset has no rows", where=source.path)
+    fn = Tokenise(str(tokenizer.model_path.resolve()), source.format, source.template, data.loss_on)
+    num_proc = data.num_proc or (min(os.cpu_count() or 1, 4) if len(ds) > PARALLEL_ROWS else 1)
+    settings = {"format": source.format, "template": source.template, "loss_on": data.loss_on}
+    return ds.map(fn, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1 else None,
+                  new_fingerprint=_fingerprint(ds, tokenizer, settings), desc="tokenising")
+
+
+def check_rows(ds: datasets.Dataset, where: str, skip_invalid: bool) -> tuple[datasets.Dataset, int]:
+    """(valid rows, number skipped); an invalid row is a DataError unless `skip_invalid`."""
+    errors = ds["error"]
+    bad = [i for i, e in enumerate(errors) if e]
+    if bad and not skip_invalid:
+        first = bad[0]
+        more = f" ({len(bad) - 1} more invalid rows; set data.skip_invalid: true to skip them)" if len(bad) > 1 \
+            else " (set data.skip_invalid: true to skip such rows)"
+        raise DataError(errors[first] + more, where=f"{where}: row {first + 1}")
+    if bad:
+        shown = ", ".join(str(i + 1) for i in bad[:10]) + (" …" if len(bad) > 10 else "")
+        log.warning("%s: skipped %d invalid rows (rows %s); first: %s", where, len(bad), shown, errors[bad[0]])
+        ds = ds.select([i for i, e in enumerate(errors) if not e])
+    return ds, len(bad)
+
+
+def _truncated(ids_col, labels_col, data):
+    kept, truncated, dropped = [], 0, 0
+    for ids, labels in zip(ids_col, labels_col):
+        truncated += len(ids) > data.max_length
+        cut = truncate(ids, labels, data.max_length, data.truncation)
+        if cut is None:
+            dropped += 1
+        kept.append(cut)
+    return kept, truncated, dropped
+
+
+def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats: dict) -> Split:
+    """Truncate, pack and lay out the rows of a tokenised dataset; fills `stats`."""
+    names = ["chosen_", "rejected_"] if preference else [""]
+    columns = {p: _truncated(ds[f"{p}input_ids"], ds[f"{p}labels"], data) for p in names}
+    keep = [i for i in range(len(ds)) if all(columns[p][0][i] is not None for p in names)]
+    stats["truncated"] = sum(columns[p][1] for p in names)
+    stats["dropped"] = len(ds) - len(keep)
+    if not keep:
+        raise DataError(f"no rows left: all {len(ds)} are longer than max_length={data.max_length} and "
+                        "truncation is 'drop'", where=where)
+    arrays, real = {}, np.zeros(0)
+    for p in names:
+        sequences = [columns[p][0][i] for i in keep]
+        lengths = [len(s[0]) for s in sequences]
+        if data.packing and not preference:
+            groups = best_fit_decreasing(lengths, data.max_length)
+        else:
+            groups = [[i] for i in range(len(sequences))]
+        rows = build_rows(sequences, groups, data.max_length)
+        arrays.update({p + k: rows[k] for k in KEYS})
+        real = (rows["segment_ids"] > 0).sum(axis=1) + (real if len(real) else 0)
+        stats["tokens"] = stats.get("tokens", 0) + int(sum(lengths))
+        stats["trained_tokens"] = stats.get("trained_tokens", 0) + int(rows["loss_mask"].sum())
+    stats["sequences"] = len(keep)
+    stats["rows_out"] = len(real)
+    stats["packing_efficiency"] = stats["tokens"] / (len(real) * len(names) * data.max_length)
+    return Split(arrays, real, bucketed=not data.packing or preference)
+
+
+def prepare(data, tokenizer, seed: int, cache_dir: str | None = None) -> PreparedData:
+    """Prepared train (and eval) splits for a recipe's `data:` section (`gemma_tune.config.schema.DataSection`)."""
+    preference = data.train.format == "preference"
+    if data.eval is not None and (data.eval.format == "preference") != preference:
+        raise DataError("train and eval must both be preference data or both not", where="data.eval.format")
+    stats: dict = {"train": {}}
+    train = tokenise(load_source(data.train, cache_dir), data.train, data, tokenizer)
+    train, stats["train"]["invalid"] = check_rows(train, data.train.path, data.skip_invalid)
+    evaluation = None
+    if data.eval is not None:
+        evaluation = tokenise(load_source(data.eval, cache_dir), data.eval, data, tokenizer)
+        stats["eval"] = {}
+        evaluation, stats["eval"]["invalid"] = check_rows(evaluation, data.eval.path, data.skip_invalid)
+    elif data.eval_fraction > 0:
+        train, evaluation = carve_eval(train, data.eval_fraction, seed, where=data.train.path)
+        stats["eval"] = {"invalid": 0}
+    for name, ds, src in (("train", train, data.train), ("eval", evaluation, data.eval or data.train)):
+        if ds is not None:
+            if len(ds) == 0:
+                raise DataError("no valid rows left after skipping invalid ones", where=src.path)
+            stats[name]["rows"] = len(ds)
+    train_split = build_split(train, data, preference, data.train.path, stats["train"])
+    eval_split = None
+    if evaluation is not None:
+        eval_split = build_split(evaluation, data, preference, (data.eval or data.train).path, stats["eval"])
+    for name, s in stats.items():
+        log.info("data %s: %d rows (%d invalid skipped, %d truncated, %d dropped) -> %d sequences in %d rows "
+                 "of %d, %d tokens (%d trained), packing efficiency %.1f%%", name, s["rows"], s["invalid"],
+                 s["truncated"], s["dropped"], s["sequences"], s["rows_out"], data.max_length, s["tokens"],
+                 s["trained_tokens"], 100 * s["packing_efficiency"])
+    return PreparedData(train_split, eval_split, stats)
