@@ -88,3 +88,15 @@ def test_last_batch_is_padded_and_one_pass_is_in_order(split):
     assert passes[-1]["token_ids"].shape == (4, 4)
     assert passes[-1]["token_ids"][1:].sum() == 0
     assert [row for b in passes for row in b["token_ids"][:, 0].tolist()][:21] == [r * 4 for r in range(21)]
+
+
+def test_unpacked_batches_are_length_bucketed():
+    n = 64
+    lengths = np.random.default_rng(0).integers(1, 100, n)
+    split = Split({"token_ids": np.arange(n, dtype=np.int32)[:, None]}, lengths, bucketed=True)
+    it = split.batches(8, seed=0)
+    batches = [next(it)["token_ids"][:, 0] for _ in range(split.steps_per_epoch(8))]
+    assert sorted(int(i) for b in batches for i in b) == list(range(n))
+    # one window holds the whole epoch here, so batches are contiguous runs of the sorted lengths
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+    assert all(hi <= nxt_lo for (_, hi), (nxt_lo, _) in zip(spans, spans[1:]))

@@ -164,3 +164,23 @@ def test_tokenisation_is_cached_by_settings(tok, cache, tmp_path):
     cached = prepare(section(path, loss_on="completion"), tok, seed=0, cache_dir=cache)
     assert cached.stats == a.stats
     assert {f: f.stat().st_mtime_ns for f in Path(cache).glob("**/cache-*.arrow")} == files  # … and reused, not recomputed
+
+
+def test_parallel_tokenisation_matches_serial(tok, cache):
+    serial = prepare(section("data/tiny/chat_eval.jsonl", max_length=128), tok, seed=0)
+    parallel = prepare(section("data/tiny/chat_eval.jsonl", max_length=128, num_proc=2), tok, seed=0,
+                       cache_dir=cache)
+    for key, array in serial.train.arrays.items():
+        assert (parallel.train.arrays[key] == array).all()
+
+
+def test_unreadable_sources(tok, cache, tmp_path):
+    with pytest.raises(DataError, match="cannot load data") as e:
+        prepare(section("hf://no-such-org/no-such-dataset"), tok, seed=0, cache_dir=cache)
+    assert e.value.where == "hf://no-such-org/no-such-dataset"
+    with pytest.raises(DataError, match="no such data file"):
+        prepare(section(str(tmp_path / "absent.jsonl")), tok, seed=0, cache_dir=cache)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match="cannot load data"):
+        prepare(section(str(broken), "text"), tok, seed=0, cache_dir=cache)

@@ -42,7 +42,7 @@ def load_source(source, cache_dir: str | None = None) -> datasets.Dataset:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
         else:
             name = entry[len("hf://"):] if entry.startswith("hf://") else entry
-            if not entry.startswith("hf://") and name.count("/") != 1:
+            if not entry.startswith("hf://") and (name.count("/") != 1 or Path(name).suffix in BUILDERS):
                 raise DataError("no such data file or directory (and not a hub name ORG/NAME)", where=entry)
             ds = datasets.load_dataset(name, source.subset, split=source.split or "train", cache_dir=cache_dir)
     except DataError:
