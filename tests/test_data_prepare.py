@@ -184,3 +184,14 @@ def test_unreadable_sources(tok, cache, tmp_path):
     broken.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(DataError, match="cannot load data"):
         prepare(section(str(broken), "text"), tok, seed=0, cache_dir=cache)
+
+
+def test_truncation_that_cuts_off_the_answer_is_reported(tok, cache, tmp_path, caplog):
+    long_prompt = " ".join(["red cat"] * 40)
+    path = write(tmp_path / "cut.jsonl", [chat(long_prompt, "Yes."), chat("Hi", "Yo")])
+    with caplog.at_level(logging.WARNING, logger="gemma_tune.data"):
+        out = prepare(section(path, max_length=24, truncation="right"), tok, seed=0, cache_dir=cache)
+    assert out.stats["train"]["without_loss"] == 1 and out.stats["train"]["truncated"] == 1
+    assert "1 sequences have no trained token" in caplog.text
+    left = prepare(section(path, max_length=24, truncation="left"), tok, seed=0, cache_dir=cache)
+    assert left.stats["train"]["without_loss"] == 0  # left truncation keeps the answer

@@ -35,7 +35,8 @@ PARALLEL_ROWS = 1000
 @dataclass
 class PreparedData:
     """`train` / `eval` splits (eval None when there is none) and their `stats` ({"train": {...}, ...}:
-    rows, invalid, truncated, dropped, sequences, rows_out, tokens, trained_tokens, packing_efficiency)."""
+    rows, invalid, truncated, dropped, sequences, without_loss, rows_out, tokens, trained_tokens,
+    packing_efficiency)."""
 
     train: Split
     eval: Split | None
@@ -66,7 +67,11 @@ def tokenise(ds: datasets.Dataset, source, data, tokenizer) -> datasets.Dataset:
 
 
 def check_rows(ds: datasets.Dataset, where: str, skip_invalid: bool) -> tuple[datasets.Dataset, int]:
-    """(valid rows, number skipped); an invalid row is a DataError unless `skip_invalid`."""
+    """(valid rows, number skipped); an invalid row is a DataError unless `skip_invalid`.
+
+    Rows are numbered from 1 in the order of the data (a JSONL file's line number; in a directory, the
+    files are read in name order).
+    """
     errors = ds["error"]
     bad = [i for i, e in enumerate(errors) if e]
     if bad and not skip_invalid:
@@ -93,32 +98,37 @@ def _truncated(ids_col, labels_col, data):
 
 
 def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats: dict) -> Split:
-    """Truncate, pack and lay out the rows of a tokenised dataset; fills `stats`."""
+    """Truncate, pack and lay out the rows of a tokenised dataset; fills `stats`.
+
+    `without_loss` counts sequences left with no trained target (e.g. right truncation cut the whole
+    answer off): they cost compute and teach nothing, so they are reported.
+    """
     names = ["chosen_", "rejected_"] if preference else [""]
     columns = {p: _truncated(ds[f"{p}input_ids"], ds[f"{p}labels"], data) for p in names}
     keep = [i for i in range(len(ds)) if all(columns[p][0][i] is not None for p in names)]
-    stats["truncated"] = sum(columns[p][1] for p in names)
-    stats["dropped"] = len(ds) - len(keep)
+    stats.update(truncated=sum(columns[p][1] for p in names), dropped=len(ds) - len(keep), sequences=len(keep),
+                 tokens=0, trained_tokens=0, without_loss=0)
     if not keep:
         raise DataError(f"no rows left: all {len(ds)} are longer than max_length={data.max_length} and "
                         "truncation is 'drop'", where=where)
-    arrays, real = {}, np.zeros(0)
+    arrays, real_per_row = {}, 0
     for p in names:
         sequences = [columns[p][0][i] for i in keep]
-        lengths = [len(s[0]) for s in sequences]
-        if data.packing and not preference:
-            groups = best_fit_decreasing(lengths, data.max_length)
-        else:
-            groups = [[i] for i in range(len(sequences))]
+        lengths = [len(ids) for ids, _ in sequences]
+        groups = (best_fit_decreasing(lengths, data.max_length) if data.packing and not preference
+                  else [[i] for i in range(len(sequences))])
         rows = build_rows(sequences, groups, data.max_length)
         arrays.update({p + k: rows[k] for k in KEYS})
-        real = (rows["segment_ids"] > 0).sum(axis=1) + (real if len(real) else 0)
-        stats["tokens"] = stats.get("tokens", 0) + int(sum(lengths))
-        stats["trained_tokens"] = stats.get("trained_tokens", 0) + int(rows["loss_mask"].sum())
-    stats["sequences"] = len(keep)
-    stats["rows_out"] = len(real)
-    stats["packing_efficiency"] = stats["tokens"] / (len(real) * len(names) * data.max_length)
-    return Split(arrays, real, bucketed=not data.packing or preference)
+        real_per_row = real_per_row + (rows["segment_ids"] > 0).sum(axis=1)
+        stats["tokens"] += sum(lengths)
+        stats["trained_tokens"] += int(rows["loss_mask"].sum())
+        stats["without_loss"] += sum(1 for _, labels in sequences if not any(labels[1:]))
+    stats["rows_out"] = len(real_per_row)
+    stats["packing_efficiency"] = stats["tokens"] / (len(real_per_row) * len(names) * data.max_length)
+    if stats["without_loss"]:
+        log.warning("%s: %d sequences have no trained token after truncation (max_length=%d, truncation=%s)",
+                    where, stats["without_loss"], data.max_length, data.truncation)
+    return Split(arrays, real_per_row, bucketed=not data.packing or preference)
 
 
 def prepare(data, tokenizer, seed: int, cache_dir: str | None = None) -> PreparedData:
