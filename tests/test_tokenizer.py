@@ -84,3 +84,10 @@ def test_missing_and_invalid_sources(tmp_path):
     with pytest.raises(CheckpointError, match="SentencePiece") as e:
         load_tokenizer(bad)
     assert e.value.where == str(bad)
+
+
+def test_hub_source_that_cannot_be_fetched_is_a_checkpoint_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="could not download tokenizer.model") as e:
+        load_tokenizer("hf://no-such-org/no-such-model")
+    assert e.value.where == "hf://no-such-org/no-such-model"
