@@ -163,7 +163,8 @@ def test_tokenisation_is_cached_by_settings(tok, cache, tmp_path):
     assert files  # map results are written to the datasets cache …
     cached = prepare(section(path, loss_on="completion"), tok, seed=0, cache_dir=cache)
     assert cached.stats == a.stats
-    assert {f: f.stat().st_mtime_ns for f in Path(cache).glob("**/cache-*.arrow")} == files  # … and reused, not recomputed
+    # … and reused, not recomputed
+    assert {f: f.stat().st_mtime_ns for f in Path(cache).glob("**/cache-*.arrow")} == files
 
 
 def test_parallel_tokenisation_matches_serial(tok, cache):

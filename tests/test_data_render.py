@@ -104,7 +104,8 @@ def test_preference_strings_and_messages(tok):
 @pytest.mark.parametrize("fmt,row,message", [
     ("chat", {"messages": [{"role": "user", "content": "Hi"}, {"role": "model", "content": "  "}]}, "empty model turn"),
     ("chat", {"messages": [{"role": "model", "content": "Hi"}]}, "expected a user turn"),
-    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "expected a model turn"),
+    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "expected a model turn"),
     ("chat", {"messages": [{"role": "user", "content": "Hi"}]}, "end with a model turn"),
     ("chat", {"messages": [{"role": "robot", "content": "Hi"}]}, "unknown role"),
     ("chat", {"messages": None}, "missing column 'messages'"),

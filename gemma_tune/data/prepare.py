@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass, field
 
 import datasets
-import numpy as np
 
 from gemma_tune.data.batches import Split
 from gemma_tune.data.load import carve_eval, load_source
@@ -131,34 +130,34 @@ def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats:
     return Split(arrays, real_per_row, bucketed=not data.packing or preference)
 
 
+def _tokenised_source(source, data, tokenizer, cache_dir):
+    """(tokenised valid rows, number of invalid rows skipped) of one `DataSource`."""
+    ds = tokenise(load_source(source, cache_dir), source, data, tokenizer)
+    return check_rows(ds, source.path, data.skip_invalid)
+
+
 def prepare(data, tokenizer, seed: int, cache_dir: str | None = None) -> PreparedData:
     """Prepared train (and eval) splits for a recipe's `data:` section (`gemma_tune.config.schema.DataSection`)."""
     preference = data.train.format == "preference"
     if data.eval is not None and (data.eval.format == "preference") != preference:
         raise DataError("train and eval must both be preference data or both not", where="data.eval.format")
-    stats: dict = {"train": {}}
-    train = tokenise(load_source(data.train, cache_dir), data.train, data, tokenizer)
-    train, stats["train"]["invalid"] = check_rows(train, data.train.path, data.skip_invalid)
-    evaluation = None
+    train, invalid = _tokenised_source(data.train, data, tokenizer, cache_dir)
+    parts = {"train": (train, data.train.path, invalid)}
     if data.eval is not None:
-        evaluation = tokenise(load_source(data.eval, cache_dir), data.eval, data, tokenizer)
-        stats["eval"] = {}
-        evaluation, stats["eval"]["invalid"] = check_rows(evaluation, data.eval.path, data.skip_invalid)
+        evaluation, eval_invalid = _tokenised_source(data.eval, data, tokenizer, cache_dir)
+        parts["eval"] = (evaluation, data.eval.path, eval_invalid)
     elif data.eval_fraction > 0:
         train, evaluation = carve_eval(train, data.eval_fraction, seed, where=data.train.path)
-        stats["eval"] = {"invalid": 0}
-    for name, ds, src in (("train", train, data.train), ("eval", evaluation, data.eval or data.train)):
-        if ds is not None:
-            if len(ds) == 0:
-                raise DataError("no valid rows left after skipping invalid ones", where=src.path)
-            stats[name]["rows"] = len(ds)
-    train_split = build_split(train, data, preference, data.train.path, stats["train"])
-    eval_split = None
-    if evaluation is not None:
-        eval_split = build_split(evaluation, data, preference, (data.eval or data.train).path, stats["eval"])
+        parts = {"train": (train, data.train.path, invalid), "eval": (evaluation, data.train.path, 0)}
+    stats, splits = {}, {}
+    for name, (ds, where, invalid) in parts.items():
+        if len(ds) == 0:
+            raise DataError("no valid rows left after skipping invalid ones", where=where)
+        stats[name] = {"rows": len(ds), "invalid": invalid}
+        splits[name] = build_split(ds, data, preference, where, stats[name])
     for name, s in stats.items():
         log.info("data %s: %d rows (%d invalid skipped, %d truncated, %d dropped) -> %d sequences in %d rows "
                  "of %d, %d tokens (%d trained), packing efficiency %.1f%%", name, s["rows"], s["invalid"],
                  s["truncated"], s["dropped"], s["sequences"], s["rows_out"], data.max_length, s["tokens"],
                  s["trained_tokens"], 100 * s["packing_efficiency"])
-    return PreparedData(train_split, eval_split, stats)
+    return PreparedData(splits["train"], splits.get("eval"), stats)
