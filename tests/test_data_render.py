@@ -47,7 +47,7 @@ def test_single_turn_chat_trains_content_and_end_of_turn_only(tok):
 
 def test_multi_turn_with_system_message(tok):
     row = {"messages": [{"role": "system", "content": "Be brief."},
-                        {"role": "user", "content": "Hi"}, {"role": "model", "content": " Hello. "},
+                        {"role": "user", "content": " Hi\n"}, {"role": "model", "content": " Hello. "},
                         {"role": "user", "content": "Colour of sky?"}, {"role": "assistant", "content": "Blue."}]}
     out = render(tok, row)
     text = ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"

@@ -27,7 +27,7 @@ log = logging.getLogger("gemma_tune.data")
 
 REQUIRED_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
                     "preference": ["prompt", "chosen", "rejected"]}
-RENDER_VERSION = "1"  # bump when rendering changes, so cached tokenisations are not reused
+RENDER_VERSION = "2"  # bump when rendering changes, so cached tokenisations are not reused
 PARALLEL_ROWS = 1000
 
 

@@ -5,8 +5,8 @@ Gemma's chat template (as in Google's docs and the Gemma 3 HF `chat_template`):
     <bos><start_of_turn>user\n{SYSTEM}\n\n{USER}<end_of_turn>\n<start_of_turn>model\n{MODEL}<end_of_turn>\n…
 
 Role "assistant" is written "model"; there is no system role: a system message's content followed by
-"\n\n" is prepended to the first user turn; contents are stripped of surrounding whitespace (the
-template's `| trim`); turns alternate user/model starting with user. No eos is added after a chat:
+"\n\n" is prepended to the first user turn as is; user and model contents are stripped of surrounding
+whitespace (the template's `| trim`); turns alternate user/model starting with user. No eos is added after a chat:
 the model stops at `<end_of_turn>`.
 
 Each piece is tokenised on its own so labels are exact. `label = 1` marks a token trained on:
@@ -62,7 +62,7 @@ def chat_pieces(messages: list[tuple[str, str]], bos_id: int, first_trained_turn
     message is folded in) are trained."""
     system = None
     if messages and messages[0][0] == "system":
-        system = messages[0][1].strip()
+        system = messages[0][1]
         messages = messages[1:]
     if not messages:
         raise RowError("the conversation has no user turn")
