@@ -1,0 +1,67 @@
+"""Supervised fine-tuning (SFT): next-token cross-entropy, computed in chunks from hidden states.
+
+For the trained positions t (loss_mask[t] = 1) with target token y_t and final hidden state h_t,
+
+    z_t    = cap · tanh((h_t · Eᵀ) / cap)        (E the tied embedding [V, H]; no cap when cap is None)
+    nll_t  = logsumexp(z_t) − z_t[y_t]            (in float32)
+    loss   = Σ_t nll_t / N
+
+where N (`num_targets`) is the number of trained targets in the WHOLE optimisation batch — all
+micro-batches of a gradient-accumulation step, all packed segments — so that accumulation and
+packing leave the objective unchanged. The logits z are built one chunk of `chunk_size` tokens at a
+time and each chunk is rematerialised (`keras.remat`), so only one chunk of [chunk, V] logits is
+alive in the forward and in the backward pass: never the [B, T, V] tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+def _chunk_stats(hidden, embedding, targets, mask, softcap):
+    """(Σ mask · nll, Σ mask · [argmax z = y]) of one chunk: hidden [C, H], targets/mask [C]."""
+    logits = ops.cast(ops.matmul(hidden, ops.transpose(embedding)), "float32")
+    if softcap is not None:
+        logits = softcap * ops.tanh(logits / softcap)
+    target_logit = ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
+    nll = ops.logsumexp(logits, axis=-1) - target_logit
+    hit = ops.cast(ops.equal(ops.argmax(logits, axis=-1), targets), "float32")
+    return ops.sum(nll * mask), ops.sum(hit * mask)
+
+
+def sft_loss(hidden, embedding, target_ids, loss_mask, num_targets, *, chunk_size: int = 1024,
+             final_logit_softcap: float | None = None, remat: bool = True):
+    """Chunked SFT loss (module docstring) -> (loss, correct).
+
+    hidden [B, T, H] (any float dtype; the projection runs in it), embedding [V, H], target_ids [B, T]
+    int, loss_mask [B, T] (1 = trained), num_targets a scalar N (the global count; ≥ 1 is enforced).
+    `loss` is Σ nll / N (float32); `correct` the number of trained targets predicted by argmax.
+    """
+    width = hidden.shape[-1]
+    hidden = ops.reshape(hidden, (-1, width))
+    targets = ops.reshape(ops.cast(target_ids, "int32"), (-1,))
+    mask = ops.reshape(ops.cast(loss_mask, "float32"), (-1,))
+    embedding = ops.cast(embedding, hidden.dtype)
+    tokens = hidden.shape[0]
+    chunk = min(chunk_size, tokens)
+    chunks = math.ceil(tokens / chunk)
+    if chunks * chunk != tokens:  # pad the tail: padded tokens have mask 0 and add nothing
+        pad = chunks * chunk - tokens
+        hidden = ops.pad(hidden, ((0, pad), (0, 0)))
+        targets = ops.pad(targets, ((0, pad),))
+        mask = ops.pad(mask, ((0, pad),))
+
+    def stats(h, e, t, m):
+        return _chunk_stats(h, e, t, m, final_logit_softcap)
+
+    step = keras.remat(stats) if remat and chunks > 1 else stats
+    nll_sum, correct = 0.0, 0.0
+    for i in range(chunks):
+        part = slice(i * chunk, (i + 1) * chunk)
+        nll, hit = step(hidden[part], embedding, targets[part], mask[part])
+        nll_sum, correct = nll_sum + nll, correct + hit
+    denominator = ops.maximum(ops.cast(num_targets, "float32"), 1.0)
+    return nll_sum / denominator, correct
