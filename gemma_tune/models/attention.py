@@ -1,0 +1,156 @@
+"""Gemma self-attention: GQA/MQA projections, optional QK-norm, RoPE, soft-capped scaled dot products.
+
+For query i and key j of one sequence (indices into the token axis, positions from the inputs):
+
+    logits_ij = scale · q_i·k_j                    scale = 1/√query_pre_attn_scalar (1/√head_dim)
+    logits_ij = c · tanh(logits_ij / c)            Gemma 2 attention soft-cap c (50.0)
+    p_i       = softmax_j(logits_ij where allowed_ij, else −∞)    in float32
+    out_i     = Σ_j p_ij v_j
+
+`allowed` comes from `attention_mask`: same segment, key not padding, causal (j ≤ i), and on
+sliding-window layers i − j < window. Query heads share key/value heads in groups (GQA; MQA when
+there is one key/value head).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from gemma_tune.models.layers import RMSNorm, apply_rope, rope_angles
+from gemma_tune.models.projection import Projection
+
+MASKED_LOGIT = -1e30
+
+
+def attention_mask(query_index, key_index, query_segment, key_segment, window: int | None = None):
+    """Boolean [B, Tq, Tk] mask of allowed (query, key) pairs.
+
+    `query_index` [Tq] / `key_index` [Tk] are token indices in one shared frame (cache slots while
+    decoding); `query_segment` [B, Tq] / `key_segment` [B, Tk] are segment ids, 0 for padding. Allowed:
+    same non-zero segment, key_index ≤ query_index, and query_index − key_index < window when a window
+    is given. A padding query attends to its own slot only, so that every row has one allowed key and
+    no NaN can arise from an empty softmax (its output is never trained on or returned as meaningful).
+    """
+    qi = query_index[:, None]
+    ki = key_index[None, :]
+    causal = ki <= qi
+    if window is not None:
+        causal = ops.logical_and(causal, (qi - ki) < window)
+    same = ops.equal(query_segment[:, :, None], key_segment[:, None, :])
+    real_key = ops.not_equal(key_segment, 0)[:, None, :]
+    allowed = ops.logical_and(ops.logical_and(same, real_key), causal[None])
+    self_slot = ops.logical_and(ops.equal(query_segment, 0)[:, :, None], ops.equal(qi, ki)[None])
+    return ops.logical_or(allowed, self_slot)
+
+
+def plain_attention(query, key, value, mask, *, scale: float, softcap: float | None):
+    """Reference attention in keras.ops. query [B, T, N, D], key/value [B, S, K, D], mask [B, T, S]."""
+    batch, length, num_heads, head_dim = query.shape[0], query.shape[1], query.shape[2], query.shape[3]
+    num_kv = key.shape[2]
+    groups = num_heads // num_kv
+    query = ops.reshape(query, (-1, length, num_kv, groups, head_dim))
+    logits = ops.einsum("btkgd,bskd->bkgts", query, key)
+    logits = ops.cast(logits, "float32") * scale
+    if softcap is not None:
+        logits = softcap * ops.tanh(logits / softcap)
+    logits = ops.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
+    probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+    out = ops.einsum("bkgts,bskd->btkgd", probs, value)
+    return ops.reshape(out, (-1, length, num_heads, head_dim))
+
+
+def fused_attention(query, key, value, mask, *, scale: float):
+    """`keras.ops.dot_product_attention` (flash / cuDNN / SDPA kernels where the backend has them)."""
+    return ops.dot_product_attention(query, key, value, mask=mask[:, None, :, :], scale=scale)
+
+
+def attend(query, key, value, mask, *, scale: float, softcap: float | None, implementation: str = "auto"):
+    """Attention through the fused kernel where it is exact (no soft-cap), else the plain path.
+
+    `implementation`: "auto", "plain" or "fused" ("fused" with a soft-cap is an error).
+    """
+    if implementation == "plain" or (implementation == "auto" and softcap is not None):
+        return plain_attention(query, key, value, mask, scale=scale, softcap=softcap)
+    if softcap is not None:
+        raise ValueError("the fused attention kernel has no exact logit soft-cap")
+    return fused_attention(query, key, value, mask, scale=scale)
+
+
+class GemmaAttention(keras.layers.Layer):
+    """One attention layer. `window` set = a sliding-window (local) layer; rope (θ, scaling) per layer."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 query_scale: float, rope_theta: float, rope_scaling: float = 1.0,
+                 window: int | None = None, softcap: float | None = None, qk_norm: bool = False,
+                 rms_norm_eps: float = 1e-6, implementation: str = "auto", **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.query_scale = query_scale
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.window = window
+        self.softcap = softcap
+        self.qk_norm = qk_norm
+        self.rms_norm_eps = rms_norm_eps
+        self.implementation = implementation
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        policy = self.dtype_policy
+        self.q_proj = Projection(num_heads * head_dim, kernel_initializer=init, dtype=policy, name="q_proj")
+        self.k_proj = Projection(num_kv_heads * head_dim, kernel_initializer=init, dtype=policy, name="k_proj")
+        self.v_proj = Projection(num_kv_heads * head_dim, kernel_initializer=init, dtype=policy, name="v_proj")
+        self.o_proj = Projection(hidden_size, kernel_initializer=init, dtype=policy, name="o_proj")
+        if qk_norm:
+            self.q_norm = RMSNorm(rms_norm_eps, dtype=policy, name="q_norm")
+            self.k_norm = RMSNorm(rms_norm_eps, dtype=policy, name="k_norm")
+
+    def build(self, input_shape):
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.build(input_shape)
+        self.o_proj.build((*input_shape[:-1], self.num_heads * self.head_dim))
+        if self.qk_norm:
+            self.q_norm.build((None, None, None, self.head_dim))
+            self.k_norm.build((None, None, None, self.head_dim))
+
+    def project_qkv(self, x, positions, training=None):
+        """Queries [B, T, N, D] and keys/values [B, T, K, D], QK-normed and rotated."""
+        length = ops.shape(x)[1]
+        q = ops.reshape(self.q_proj(x, training=training), (-1, length, self.num_heads, self.head_dim))
+        k = ops.reshape(self.k_proj(x, training=training), (-1, length, self.num_kv_heads, self.head_dim))
+        v = ops.reshape(self.v_proj(x, training=training), (-1, length, self.num_kv_heads, self.head_dim))
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, self.rope_scaling)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def call(self, x, positions, mask, cache=None, cache_index=None, training=None):
+        """x [B, T, hidden]; mask [B, T, S] from `attention_mask`.
+
+        Without a cache S = T. With `cache` = (keys, values) [B, S, K, D], this step's keys and values are
+        written at slots [cache_index, cache_index + T) and attention runs over all S slots; returns
+        (output, new_cache) then, else the output alone.
+        """
+        q, k, v = self.project_qkv(x, positions, training=training)
+        if cache is not None:
+            keys, values = cache
+            start = [0, cache_index, 0, 0]
+            keys = ops.slice_update(keys, start, ops.cast(k, keys.dtype))
+            values = ops.slice_update(values, start, ops.cast(v, values.dtype))
+            k, v = keys, values
+        out = attend(q, k, v, mask, scale=self.query_scale, softcap=self.softcap,
+                     implementation=self.implementation)
+        length = ops.shape(x)[1]
+        out = self.o_proj(ops.reshape(out, (-1, length, self.num_heads * self.head_dim)), training=training)
+        return (out, (k, v)) if cache is not None else out
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_size": self.hidden_size, "num_heads": self.num_heads,
+                "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "query_scale": self.query_scale, "rope_theta": self.rope_theta,
+                "rope_scaling": self.rope_scaling, "window": self.window, "softcap": self.softcap,
+                "qk_norm": self.qk_norm, "rms_norm_eps": self.rms_norm_eps,
+                "implementation": self.implementation}
