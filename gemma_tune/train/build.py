@@ -1,0 +1,49 @@
+"""The model and tokenizer a recipe trains: random init or loaded weights, then the frozen base
+quantised (`quantize`) and LoRA adapters added (`lora`), rematerialisation, and the dtype policy.
+
+`model.dtype` -> Keras dtype policy: float32 -> "float32"; bfloat16 -> "mixed_bfloat16" (float32
+variables, bfloat16 compute); float16 -> "mixed_float16" (and the optimiser scales the loss).
+QLoRA = `quantize: int8|int4` with `lora:`: base kernels quantised first, then float32 adapters on them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gemma_tune.config import recipe_architecture
+from gemma_tune.errors import ConfigError
+
+log = logging.getLogger("gemma_tune")
+
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def build_for_recipe(recipe):
+    """(GemmaCausalLM ready to train, GemmaTokenizer) for `recipe`."""
+    from gemma_tune.models import build_model, count_params, enable_lora, quantize_base
+    from gemma_tune.tokenizer import load_tokenizer
+
+    policy = POLICIES[recipe.model.dtype]
+    if recipe.model.weights is None:
+        model = build_model(recipe_architecture(recipe), dtype=policy)
+        tokenizer = load_tokenizer(recipe.model.tokenizer)
+    else:
+        from gemma_tune.loading import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(recipe.model.weights, preset=recipe.model.preset,
+                                                    dtype=policy, tokenizer=recipe.model.tokenizer)
+    if tokenizer.vocab_size > model.architecture.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                          f"{model.architecture.vocab_size}", where="model.tokenizer")
+    if recipe.quantize is not None:  # validation ensures `lora:` is set too
+        quantize_base(model, recipe.quantize)
+    if recipe.lora is not None:
+        lora = recipe.lora
+        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    model.remat = recipe.train.remat
+    counts = count_params(model)
+    log.info("model: %s parameters, %s trainable (%.2f%%)%s%s", f"{counts['total']:,}",
+             f"{counts['trainable']:,}", 100 * counts["trainable"] / max(counts["total"], 1),
+             f", LoRA rank {recipe.lora.rank}" if recipe.lora else ", full fine-tuning",
+             f", base {recipe.quantize}" if recipe.quantize else "")
+    return model, tokenizer

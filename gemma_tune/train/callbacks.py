@@ -1,0 +1,296 @@
+"""Keras callbacks of a training run, each with one job.
+
+Keras calls `on_train_batch_end` once per micro-batch; `StepCallback` turns those calls into one
+`on_step_end(step, stats)` per optimisation step (every `accum` micro-batches), with the step's
+statistics summed over its micro-batches: `loss` (Σ nll / N of the step), `correct`, `targets` (N) and
+`tokens` (real tokens). Steps are numbered from 1 and continue across a resume (`first_step`).
+
+  NonFiniteGuard  stops the run on a non-finite loss, before anything is logged or saved for that step
+  Throughput      tokens/s, MFU (on a known accelerator) and peak memory — usable on its own (bench/)
+  MetricsLogger   the progress bar and metrics.jsonl / metrics.csv / TensorBoard rows every log_every
+  Evaluator       eval loss, perplexity, token accuracy every eval_every; sample generations
+  Checkpointer    checkpoints every save_every, at the end, and when SIGTERM/SIGINT asks to stop
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import keras
+
+from gemma_tune.errors import UserError
+from gemma_tune.train import checkpoint, measure
+from gemma_tune.train.data import eval_batches
+
+log = logging.getLogger("gemma_tune")
+
+STATS = ("loss", "correct", "targets", "tokens")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class StepCallback(keras.callbacks.Callback, abc.ABC):
+    """Base: micro-batch events -> `on_step_end(step, stats)` per optimisation step."""
+
+    def __init__(self, accum: int = 1, first_step: int = 0):
+        super().__init__()
+        self.accum, self.first_step = accum, first_step
+        self._sums = dict.fromkeys(STATS, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key in STATS:
+            self._sums[key] += float(logs[key])
+        if (batch + 1) % self.accum:
+            return
+        stats, self._sums = self._sums, dict.fromkeys(STATS, 0.0)
+        self.on_step_end(self.first_step + (batch + 1) // self.accum, stats)
+
+    @abc.abstractmethod
+    def on_step_end(self, step: int, stats: dict) -> None:
+        """Called once per optimisation step with the step's summed statistics."""
+
+
+class NonFiniteGuard(StepCallback):
+    """Raises `TrainingDiverged` naming the step and the last good checkpoint when the loss is NaN/inf."""
+
+    def __init__(self, run_dir: Path, **kw):
+        super().__init__(**kw)
+        self.run_dir = Path(run_dir)
+
+    def on_step_end(self, step, stats):
+        if math.isfinite(stats["loss"]):
+            return
+        last = checkpoint.latest(self.run_dir)
+        kept = (f"the last good checkpoint, {last}, is kept; resume from it with a lower learning rate"
+                if last else "no checkpoint was written before it")
+        raise TrainingDiverged(f"the training loss became {stats['loss']} at step {step}; {kept} "
+                               "(or lower train.learning_rate / set train.max_grad_norm)", where="train")
+
+
+class Throughput(StepCallback):
+    """Tokens/s, MFU and peak memory. Steps after the first are timed (the first includes compilation).
+
+    `current()` gives the figures since the previous `current()` call; `summary()` those of the run.
+    """
+
+    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None, **kw):
+        super().__init__(**kw)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.tokens = self.trained_tokens = 0.0
+        self.steps = 0
+        self._timed_tokens, self._timed_s = 0.0, 0.0
+        self._window_tokens, self._window_s = 0.0, 0.0
+        self._last = None
+        self.started = None
+
+    def on_train_begin(self, logs=None):
+        self.started = self._last = time.perf_counter()
+
+    def on_step_end(self, step, stats):
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        self.tokens += stats["tokens"]
+        self.trained_tokens += stats["targets"]
+        self.steps += 1
+        if self.steps > 1:
+            self._timed_tokens += stats["tokens"]
+            self._timed_s += elapsed
+        self._window_tokens += stats["tokens"]
+        self._window_s += elapsed
+
+    def _figures(self, tokens: float, seconds: float) -> dict:
+        rate = tokens / seconds if seconds > 0 else None
+        mfu = (rate * self.flops_per_token / self.peak_flops
+               if rate and self.flops_per_token and self.peak_flops else None)
+        peak, _ = measure.peak_memory_bytes()
+        return {"tokens_per_s": rate, "mfu": mfu, "peak_memory_gib": peak / 2**30 if peak else None}
+
+    def current(self) -> dict:
+        figures = self._figures(self._window_tokens, self._window_s)
+        self._window_tokens, self._window_s = 0.0, 0.0
+        return figures
+
+    def summary(self) -> dict:
+        seconds = self._timed_s if self.steps > 1 else (self._last - self.started if self.started else 0.0)
+        tokens = self._timed_tokens if self.steps > 1 else self.tokens
+        peak, where = measure.peak_memory_bytes()
+        return dict(self._figures(tokens, seconds), steps=self.steps, tokens=self.tokens,
+                    trained_tokens=self.trained_tokens,
+                    seconds=(self._last - self.started) if self.started else 0.0, peak_memory_of=where)
+
+
+class MetricsLogger(StepCallback):
+    """Every `log_every` steps (and the last): a train row (loss and accuracy over the steps since the
+    previous row, learning rate, tokens, throughput) to `sink`, the log, and the progress bar."""
+
+    def __init__(self, sink, schedule, total_steps: int, log_every: int, throughput: Throughput,
+                 progress: bool = True, **kw):
+        super().__init__(**kw)
+        self.sink, self.schedule, self.total_steps = sink, schedule, total_steps
+        self.log_every, self.throughput = log_every, throughput
+        self.progbar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "lr", "tok/s", "MFU"],
+                                           unit_name="step") if progress else None
+        self._nll = self._targets = self._correct = self._tokens = 0.0
+        self.started = time.perf_counter()
+
+    def learning_rate(self, step: int) -> float:
+        """The rate applied at step `step` (1-based): the schedule at its last micro-iteration."""
+        return float(keras.ops.convert_to_numpy(self.schedule(step * self.accum - 1)))
+
+    def on_step_end(self, step, stats):
+        self._nll += stats["loss"] * stats["targets"]
+        self._targets += stats["targets"]
+        self._correct += stats["correct"]
+        self._tokens += stats["tokens"]
+        lr = self.learning_rate(step)
+        if self.progbar is not None:
+            rate = self.throughput.tokens / max(time.perf_counter() - self.started, 1e-9)
+            values = [("loss", round(stats["loss"], 4)), ("lr", float(f"{lr:.3g}")), ("tok/s", round(rate))]
+            self.progbar.update(step, values=values, finalize=step == self.total_steps)
+        if step % self.log_every and step != self.total_steps:
+            return
+        loss = self._nll / self._targets if self._targets else float("nan")
+        row = {"step": step, "split": "train", "loss": loss,
+               "accuracy": self._correct / self._targets if self._targets else None,
+               "learning_rate": lr, "tokens": self._tokens, **self.throughput.current(),
+               "elapsed_s": time.perf_counter() - self.started}
+        self.sink.write(row)
+        mfu = f" MFU {row['mfu']:.1%}" if row.get("mfu") else ""
+        rate = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "-"
+        log.info("step %d/%d loss %.4f acc %.3f lr %.2e tokens/s %s%s", step, self.total_steps, loss,
+                 row["accuracy"] or 0.0, lr, rate, mfu)
+        self._nll = self._targets = self._correct = self._tokens = 0.0
+
+    def on_train_end(self, logs=None):
+        self.sink.close()
+
+
+def _inference():
+    """No autograd bookkeeping while generating (torch records it by default)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+class _SumTestBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.sums = dict.fromkeys(STATS, 0.0)
+
+    def on_test_batch_end(self, batch, logs=None):
+        for key in STATS:
+            self.sums[key] += float(logs[key])
+
+
+def evaluate(trainer, split, batch_size: int) -> dict:
+    """Loss (Σ nll / Σ targets over the whole split), perplexity and token accuracy of `split`."""
+    summed = _SumTestBatches()
+    trainer.evaluate(eval_batches(split, batch_size), steps=split.steps_per_epoch(batch_size), verbose=0,
+                     callbacks=[summed])
+    s = summed.sums
+    loss = s["loss"] / s["targets"] if s["targets"] else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "accuracy": s["correct"] / s["targets"] if s["targets"] else None, "tokens": s["tokens"]}
+
+
+class Evaluator(StepCallback):
+    """Every `every` steps and at the last step: an eval row to `sink` (with an eval split); with `prompts`, greedy
+    samples appended to `run_dir/samples.jsonl` as {"step", "prompt", "completion"}."""
+
+    def __init__(self, split, batch_size: int, sink, every: int | None, total_steps: int, *, lm=None,
+                 tokenizer=None, prompts=(), run_dir: Path | None = None, max_new_tokens: int = 48, **kw):
+        super().__init__(**kw)
+        self.split, self.batch_size, self.sink = split, batch_size, sink
+        self.every, self.total_steps = every, total_steps
+        self.lm, self.tokenizer, self.prompts = lm, tokenizer, list(prompts)
+        self.samples = Path(run_dir) / "samples.jsonl" if run_dir is not None else None
+        self.max_new_tokens = max_new_tokens
+
+    def on_step_end(self, step, stats):
+        if not ((self.every and step % self.every == 0) or step == self.total_steps):
+            return
+        trainer = self.model  # on JAX this syncs the training state into the variables
+        if self.split is not None:
+            result = evaluate(trainer, self.split, self.batch_size)
+            self.sink.write({"step": step, "split": "eval", **result})
+            log.info("eval at step %d: loss %.4f perplexity %.2f accuracy %.3f", step, result["loss"],
+                     result["perplexity"], result["accuracy"] or 0.0)
+        if self.prompts and self.samples is not None:
+            self.sample(step)
+
+    def sample(self, step: int) -> list[str]:
+        from gemma_tune.generate import generate
+
+        with _inference():
+            outputs = generate(self.lm, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        with open(self.samples, "a", encoding="utf-8") as f:
+            for prompt, completion in zip(self.prompts, outputs):
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
+        log.info("sample at step %d: %r -> %r", step, self.prompts[0], outputs[0])
+        return outputs
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT ask the run to stop at the end of the current step (a second
+    SIGINT interrupts at once)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: saving a checkpoint at the end of this step, then stopping",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class Checkpointer(StepCallback):
+    """Saves `run_dir/checkpoints/step_N` every `every` steps, at the last step and on a stop request
+    (then stops training). `state()` gives what besides the weights a resume needs."""
+
+    def __init__(self, run_dir: Path, every: int | None, total_steps: int, lm, state, stop: StopRequest,
+                 **kw):
+        super().__init__(**kw)
+        self.run_dir, self.every, self.total_steps = Path(run_dir), every, total_steps
+        self.lm, self.state, self.stop = lm, state, stop
+        self.saved: Path | None = None
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, step, stats):
+        due = (self.every and step % self.every == 0) or step == self.total_steps
+        if not due and self.stop.signal is None:
+            return
+        trainer = self.model  # syncs the JAX state
+        self.saved = checkpoint.save(self.run_dir, step, self.lm, trainer.optimizer, self.state(step))
+        log.info("checkpoint saved: %s", self.saved)
+        if self.stop.signal is not None and step != self.total_steps:
+            self.stopped_at = step
+            trainer.stop_training = True

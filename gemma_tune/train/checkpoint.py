@@ -1,0 +1,144 @@
+"""Training checkpoints: `run_dir/checkpoints/step_N/`, written atomically, the last `KEEP` kept.
+
+A checkpoint directory holds
+  model.safetensors       every variable of the GemmaCausalLM by its Keras path: base weights, LoRA
+                          adapters, quantised kernels and scales, and the dropout seed generators'
+                          states (Keras' `save_weights` would merge LoRA into the kernels: see
+                          docs/CONTRACTS.md), bfloat16 variables stored as float32
+  optimizer.safetensors   every optimiser variable (iterations, moments, gradient accumulators),
+                          keyed `NNNNN/<variable path>` in `optimizer.variables` order
+  state.json              step, the data position (the next micro-batch index of
+                          `Split.batches(batch_size, seed)`), run totals, and NumPy's and Python's
+                          global RNG states
+No pickle anywhere. A checkpoint is written into `checkpoints/.tmp-step_N-<pid>` and renamed to
+`step_N` only when complete, so a `step_N` directory is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+from keras import ops
+
+from gemma_tune.errors import CheckpointError
+
+KEEP = 2
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _numpy(variable) -> np.ndarray:
+    value = ops.convert_to_numpy(variable.value)
+    if value.dtype.name == "bfloat16":
+        value = value.astype(np.float32)
+    return np.ascontiguousarray(value)
+
+
+def _by_path(variables, where: str) -> dict:
+    named = {}
+    for v in variables:
+        if v.path in named:
+            raise CheckpointError(f"two variables share the path {v.path!r}", where=where)
+        named[v.path] = v
+    return named
+
+
+def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
+    """Write checkpoint `step` atomically and prune to the last `KEEP`; `state` goes to state.json
+    with the global RNG states."""
+    from safetensors.numpy import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({path: _numpy(v) for path, v in _by_path(lm.variables, str(final)).items()},
+              str(tmp / "model.safetensors"))
+    save_file({f"{i:05d}/{v.path}": _numpy(v) for i, v in enumerate(optimizer.variables)},
+              str(tmp / "optimizer.safetensors"))
+    numpy_state = np.random.get_state()
+    full_state = dict(state, step=step, rng={
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python": _jsonable(random.getstate()),
+    })
+    (tmp / "state.json").write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+    if final.exists():  # a stale checkpoint of the same step (e.g. from before a resume): replace it
+        stale = root / f".stale-step_{step}-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, final)
+    for old in checkpoints(run_dir)[:-KEEP]:
+        shutil.rmtree(old)
+    return final
+
+
+def _restore(variables: dict, tensors: dict, where: str, hint: str) -> None:
+    missing = sorted(set(variables) - set(tensors))
+    extra = sorted(set(tensors) - set(variables))
+    if missing or extra:
+        raise CheckpointError(f"the checkpoint does not fit this run ({hint}): "
+                              + "; ".join(f"{label} {names[:3]}{' …' if len(names) > 3 else ''}"
+                                          for label, names in (("missing", missing), ("unexpected", extra))
+                                          if names), where=where)
+    for path, variable in variables.items():
+        value = tensors[path]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise CheckpointError(f"{path}: shape {tuple(value.shape)} in the checkpoint, {tuple(variable.shape)} "
+                                  f"in this run ({hint})", where=where)
+        variable.assign(value)  # Keras casts to the variable's dtype (float32 -> bfloat16)
+
+
+def load(path: Path, lm, optimizer) -> dict:
+    """Restore the model's and optimiser's variables and the global RNG states from checkpoint `path`;
+    return its state.json. A checkpoint that does not fit the run is a CheckpointError."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"incomplete checkpoint: {name} is missing", where=str(path))
+    _restore(_by_path(lm.variables, str(path)), load_file(str(path / "model.safetensors")),
+             str(path / "model.safetensors"), "another model, lora or quantize setting?")
+    _restore({f"{i:05d}/{v.path}": v for i, v in enumerate(optimizer.variables)},
+             load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
+             "another optimizer, or other trainable weights?")
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    rng = state.get("rng", {})
+    if "numpy" in rng:
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    if "python" in rng:
+        random.setstate(_tuples(rng["python"]))
+    return state
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,38 @@
+"""Micro-batches for `fit` and `evaluate`, with the target count the loss divides by.
+
+Training: micro-batch j (0-based, counted over the run) is `split.batches(batch_size, seed)` batch j;
+optimisation step k is micro-batches k·accum … k·accum + accum − 1, and each of them carries
+`num_targets` = the number of trained targets (Σ loss_mask) over all `accum` of them, so that the
+loss of every micro-batch is divided by the count of the whole step. Resuming after k steps starts at
+micro-batch k·accum: the same batches as an uninterrupted run.
+
+Evaluation: every row once (`split.one_pass`), `num_targets` = 1, so the loss of a batch is its sum.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+
+def _with_count(batch: dict, count: float) -> tuple[dict]:
+    """`(inputs,)`: Keras takes a generator's items as (x,) / (x, y) tuples; SFT has no separate y."""
+    batch = dict(batch)
+    batch["num_targets"] = np.full((len(batch["token_ids"]),), count, np.float32)
+    return (batch,)
+
+
+def train_batches(split, batch_size: int, accum: int, seed: int, start_step: int = 0) -> Iterator[dict]:
+    """Endless micro-batches from optimisation step `start_step` on (see module docstring)."""
+    stream = split.batches(batch_size, seed, start_step=start_step * accum)
+    while True:
+        group = [next(stream) for _ in range(accum)]
+        count = float(sum(b["loss_mask"].sum() for b in group))
+        for batch in group:
+            yield _with_count(batch, count)
+
+
+def eval_batches(split, batch_size: int) -> Iterator[dict]:
+    for batch in split.one_pass(batch_size):
+        yield _with_count(batch, 1.0)

@@ -1,0 +1,107 @@
+"""Where a run's metrics go: `metrics.jsonl` (one JSON object per logged row), `metrics.csv` (the same
+rows, fixed columns) and TensorBoard event files under `tensorboard/` (written with the tensorboard
+package's own event writer, so no backend needs TensorFlow for it).
+
+A row is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`. On resume, rows after the
+resumed step are dropped (`truncate_after`) so the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+CSV_COLUMNS = ("step", "split", "loss", "perplexity", "accuracy", "learning_rate", "tokens", "tokens_per_s",
+               "mfu", "peak_memory_gib", "elapsed_s")
+
+
+class MetricsSink:
+    """Appends rows to metrics.jsonl / metrics.csv and scalars to TensorBoard; keeps them in `rows`."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.csv = self.run_dir / "metrics.csv"
+        self.rows: list[dict] = self._read_jsonl()
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            except ImportError:  # tensorboard is an optional extra
+                EventFileWriter = None
+            if EventFileWriter is not None:
+                self._tb = EventFileWriter(str(self.run_dir / "tensorboard"))
+
+    def _read_jsonl(self) -> list[dict]:
+        if not self.jsonl.exists():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self._rewrite()
+
+    def reset(self) -> None:
+        self.rows = []
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        _atomic_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        with open(_tmp(self.csv), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(_tmp(self.csv), self.csv)
+
+    def write(self, row: dict) -> None:
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        new_file = not self.csv.exists()
+        with open(self.csv, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self._tb is not None:
+            self._scalars(row)
+
+    def _scalars(self, row: dict) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=f"{row['split']}/{k}", simple_value=float(v))
+                  for k, v in row.items() if k not in ("step", "split") and isinstance(v, (int, float))]
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(row["step"]),
+                                           summary=summary_pb2.Summary(value=values)))
+        self._tb.flush()
+
+    def history(self) -> dict[str, list]:
+        """name -> values per logged step: train metrics under their names (with `step`), eval metrics
+        as `eval_<name>` (with `eval_step`)."""
+        out: dict[str, list] = {}
+        for row in self.rows:
+            prefix = "" if row["split"] == "train" else f"{row['split']}_"
+            for key, value in row.items():
+                if key != "split":
+                    out.setdefault(prefix + key, []).append(value)
+        return out
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _tmp(path).write_text(text, encoding="utf-8")
+    os.replace(_tmp(path), path)

@@ -1,0 +1,196 @@
+"""`train(recipe, run_dir, resume)`: one SFT run in Keras' `fit`, from the model to the exports.
+
+Steps: build the model and tokenizer (build.py) -> prepare the data -> optimiser and schedule
+(optim.py) -> restore the latest checkpoint when resuming (checkpoint.py) -> `fit` over
+`(total − done) · grad_accum` micro-batches with the callbacks (callbacks.py) -> exports per
+`export.formats` into `run_dir/exports/<fmt>/` -> loss curve, summary.json.
+
+`resume`: None resumes when `run_dir/checkpoints` holds a checkpoint, True requires one, False starts
+afresh (removing the old checkpoints and metrics). A run stopped by SIGTERM/SIGINT saves a checkpoint
+and raises `TrainingInterrupted` (a KeyboardInterrupt: the CLI exits with code 130); running the same
+command again continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from gemma_tune.errors import CheckpointError
+
+log = logging.getLogger("gemma_tune")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped on request after saving a checkpoint."""
+
+
+def total_steps(train, split) -> int:
+    """Optimisation steps of the run: `max_steps`, else ⌈epochs · micro-batches per epoch / grad_accum⌉."""
+    if train.max_steps is not None:
+        return train.max_steps
+    return max(1, math.ceil(train.epochs * split.steps_per_epoch(train.batch_size) / train.grad_accum))
+
+
+def _start(run_dir: Path, resume: bool | None) -> Path | None:
+    """The checkpoint to resume from, or None (clearing an old run's files when `resume` is False)."""
+    from gemma_tune.train import checkpoint
+
+    found = checkpoint.latest(run_dir)
+    if resume is True and found is None:
+        raise CheckpointError("--resume needs a checkpoint, and this run directory has none under "
+                              "checkpoints/", where=str(run_dir))
+    if resume is False:
+        for name in ("checkpoints", "tensorboard", "exports"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "metrics.csv", "samples.jsonl", "summary.json", "loss_curve.png"):
+            (run_dir / name).unlink(missing_ok=True)
+        return None
+    return found
+
+
+def _check_resumable(state: dict, recipe, where: Path) -> None:
+    data = state.get("data", {})
+    now = {"batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum, "seed": recipe.seed}
+    changed = {k: (data.get(k), v) for k, v in now.items() if data.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        raise CheckpointError(f"the checkpoint was written with other data settings ({detail}); it would not "
+                              "continue the same run — restore them, or start afresh with --no-resume",
+                              where=str(where))
+
+
+def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
+    """Train per `recipe` in `run_dir`; returns {"history", "exports": {fmt: path}, "summary"}.
+
+    `callbacks`: extra Keras callbacks, called after the run's own ones (micro-batch granularity).
+    """
+    from gemma_tune.data import prepare
+    from gemma_tune.models import count_params
+    from gemma_tune.train import checkpoint, measure
+    from gemma_tune.train.build import build_for_recipe
+    from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
+                                            StopRequest, Throughput)
+    from gemma_tune.train.data import train_batches
+    from gemma_tune.train.logs import MetricsSink
+    from gemma_tune.train.optim import WarmupSchedule, build_optimizer
+    from gemma_tune.train.task import CausalLMTrainer
+
+    run_dir = Path(run_dir)
+    t = recipe.train
+    resume_from = _start(run_dir, resume)
+    lm, tokenizer = build_for_recipe(recipe)
+    data = prepare(recipe.data, tokenizer, recipe.seed)
+    steps = total_steps(t, data.train)
+    schedule = WarmupSchedule.for_recipe(t, steps)
+    optimizer = build_optimizer(t, schedule, loss_scaling=recipe.model.dtype == "float16")
+    trainer = CausalLMTrainer(lm, chunk_size=t.loss_chunk_size, accum=t.grad_accum)
+    trainer.compile(optimizer=optimizer, jit_compile=t.jit_compile)
+    trainer.built = True  # the wrapped model is built; nothing of its own to build
+    optimizer.build(trainer.trainable_variables)
+
+    done, totals = 0, {"tokens": 0.0, "trained_tokens": 0.0, "seconds": 0.0}
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, lm, optimizer)
+        _check_resumable(state, recipe, resume_from)
+        done, totals = state["step"], state.get("totals", totals)
+        log.info("resuming from %s (step %d of %d)", resume_from, done, steps)
+    sink = MetricsSink(run_dir)
+    if done:
+        sink.truncate_after(done)
+        _truncate_samples(run_dir / "samples.jsonl", done)
+    else:
+        sink.reset()
+        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+
+    counts = count_params(lm)
+    device = measure.accelerator()
+    kw = {"accum": t.grad_accum, "first_step": done}
+    throughput = Throughput(measure.flops_per_token(counts["total"], counts["trainable"], lm.architecture,
+                                                    recipe.data.max_length),
+                            measure.peak_flops(device), **kw)
+    stop = StopRequest()
+
+    def state_for(step: int) -> dict:
+        now = throughput.summary()
+        return {"data": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "seed": recipe.seed,
+                         "next_micro_batch": step * t.grad_accum},
+                "totals": {"tokens": totals["tokens"] + now["tokens"],
+                           "trained_tokens": totals["trained_tokens"] + now["trained_tokens"],
+                           "seconds": totals["seconds"] + now["seconds"]}}
+
+    checkpointer = Checkpointer(run_dir, t.save_every, steps, lm, state_for, stop, **kw)
+    own = [NonFiniteGuard(run_dir, **kw), throughput,
+           MetricsLogger(sink, schedule, steps, t.log_every, throughput, **kw),
+           Evaluator(data.eval, t.batch_size, sink, t.eval_every, steps, lm=lm, tokenizer=tokenizer,
+                     prompts=t.sample_prompts, run_dir=run_dir, **kw),
+           checkpointer]
+    if done < steps:
+        log.info("training %d steps (%d to go) of batch %d x %d accumulated, %d tokens each row", steps,
+                 steps - done, t.batch_size, t.grad_accum, recipe.data.max_length)
+        with stop:
+            trainer.fit(train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done),
+                        steps_per_epoch=(steps - done) * t.grad_accum, epochs=1, verbose=0,
+                        callbacks=own + list(callbacks))
+    sink.close()
+
+    interrupted = checkpointer.stopped_at is not None
+    exports = {} if interrupted else _export(recipe, lm, tokenizer, run_dir)
+    summary = _summary(recipe, run_dir, steps, checkpointer, throughput, sink, totals, exports, device)
+    from gemma_tune.train.report import plot_loss, write_summary
+
+    plot_loss(sink.rows, run_dir / "loss_curve.png")
+    print(write_summary(summary, run_dir), flush=True)
+    if interrupted:
+        raise TrainingInterrupted(f"stopped at step {checkpointer.stopped_at} on request; checkpoint "
+                                  f"{checkpointer.saved}; run the same command again to continue")
+    return {"history": sink.history(), "exports": exports, "summary": summary}
+
+
+def _truncate_samples(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _export(recipe, lm, tokenizer, run_dir: Path) -> dict[str, Path]:
+    from gemma_tune.export import export_model
+
+    exports = {}
+    for fmt in recipe.export.formats:
+        target = run_dir / "exports" / fmt
+        exports[fmt] = export_model(lm, tokenizer, target, fmt, merge_lora=recipe.export.merge_lora,
+                                    dtype=recipe.export.dtype, force=True)
+        log.info("exported %s -> %s", fmt, exports[fmt])
+    return exports
+
+
+def _summary(recipe, run_dir, steps, checkpointer, throughput, sink, totals, exports, device) -> dict:
+    import keras
+
+    session = throughput.summary()
+    train_rows = [r for r in sink.rows if r["split"] == "train" and r.get("loss") is not None]
+    eval_rows = [r for r in sink.rows if r["split"] == "eval"]
+    return {
+        "name": recipe.name, "run_dir": str(run_dir),
+        "status": "interrupted" if checkpointer.stopped_at is not None else "finished",
+        "steps": checkpointer.stopped_at or steps,
+        "total_steps": steps, "backend": keras.backend.backend(), "device": device or "cpu",
+        "tokens": totals["tokens"] + session["tokens"],
+        "trained_tokens": totals["trained_tokens"] + session["trained_tokens"],
+        "seconds": session["seconds"], "tokens_per_s": session["tokens_per_s"], "mfu": session["mfu"],
+        "peak_memory_gib": session["peak_memory_gib"], "peak_memory_of": session["peak_memory_of"],
+        "first_loss": train_rows[0]["loss"] if train_rows else None,
+        "final_loss": train_rows[-1]["loss"] if train_rows else None,
+        "eval": eval_rows[-1] if eval_rows else None,
+        "checkpoint": str(checkpointer.saved or "") or None,
+        "exports": {fmt: str(path) for fmt, path in exports.items()},
+    }

@@ -1,0 +1,62 @@
+"""End-of-run outputs: the loss-curve PNG and the summary (printed, and saved as summary.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def plot_loss(rows: list[dict], path: Path) -> Path | None:
+    """Train (and eval) loss against step as a PNG (matplotlib, Agg); None when nothing was logged."""
+    train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train" and r.get("loss") is not None]
+    evals = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval" and r.get("loss") is not None]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_summary(summary: dict, run_dir: Path) -> str:
+    """Save summary.json atomically and return the human-readable lines."""
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    lines = [f"run {summary['name']}: {summary['status']} after step {summary['steps']}/{summary['total_steps']}"]
+    lines.append(f"  tokens      {summary['tokens']:,.0f} ({summary['trained_tokens']:,.0f} trained on) in "
+                 f"{summary['seconds']:.1f} s this session")
+    if summary.get("tokens_per_s"):
+        mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") else ""
+        lines.append(f"  throughput  {summary['tokens_per_s']:,.0f} tokens/s{mfu}")
+    if summary.get("peak_memory_gib"):
+        lines.append(f"  peak memory {summary['peak_memory_gib']:.2f} GiB ({summary['peak_memory_of']})")
+    if summary.get("final_loss") is not None:
+        lines.append(f"  loss        {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    if summary.get("eval"):
+        e = summary["eval"]
+        lines.append(f"  eval        loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
+                     f"accuracy {e['accuracy']:.3f}")
+    for fmt, where in summary.get("exports", {}).items():
+        lines.append(f"  export      {fmt}: {where}")
+    if summary.get("checkpoint"):
+        lines.append(f"  checkpoint  {summary['checkpoint']}")
+    return "\n".join(lines)
