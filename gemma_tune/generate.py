@@ -1,0 +1,103 @@
+"""Text generation with a KV cache: greedy, temperature, top-k and top-p sampling, batched prompts.
+
+Prompts of different lengths are left-padded to the longest, P tokens; the cache holds P +
+max_new_tokens slots. Each row's positions count its real tokens only (0 … L_b − 1 for the prompt, then
+L_b, L_b + 1, …), padding slots are masked out as keys, so a padded row decodes exactly as it would
+alone. One prefill call fills the cache; each new token is one `call_with_cache` step.
+
+Sampling of the next token from logits z (float32, on the host):
+    greedy (temperature == 0): argmax z
+    else: z / temperature; keep the top_k largest; keep the smallest set of tokens whose probability
+    sums to ≥ top_p (always the most likely one); sample from the renormalised softmax.
+A row stops at its first stop id (<end_of_turn> and <eos> by default); stop ids are not returned.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+CHAT_PROMPT = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def next_token(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None,
+               top_p: float | None) -> np.ndarray:
+    """Next token per row of `logits` [B, vocab] (see the module docstring for the rule)."""
+    logits = logits.astype(np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of strictly more likely tokens
+        keep_sorted = before < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+
+
+def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
+    """New token ids for each prompt (token ids, bos included if wanted), stop ids excluded."""
+    from keras import ops
+
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    batch = len(prompt_ids)
+    lengths = np.array([len(p) for p in prompt_ids])
+    prompt_len = int(lengths.max())
+    total = prompt_len + max_new_tokens
+    tokens = np.full((batch, prompt_len), pad_id, np.int32)
+    key_segments = np.ones((batch, total), np.int32)
+    for b, ids in enumerate(prompt_ids):
+        tokens[b, prompt_len - len(ids):] = ids
+        key_segments[b, :prompt_len - len(ids)] = 0
+    positions = np.maximum(np.cumsum(key_segments[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
+
+    rng = np.random.default_rng(seed)
+    stop = set(int(s) for s in stop_ids)
+    cache = model.init_cache(batch, total)
+    logits, cache = model.call_with_cache(tokens, positions, key_segments, cache, 0)
+    last = ops.convert_to_numpy(ops.cast(logits[:, -1, :], "float32"))
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    for step in range(max_new_tokens):
+        chosen = next_token(last, rng, temperature, top_k, top_p)
+        for b in np.flatnonzero(~done):
+            if int(chosen[b]) in stop:
+                done[b] = True
+            else:
+                outputs[b].append(int(chosen[b]))
+        if done.all() or step == max_new_tokens - 1:
+            break
+        step_positions = (lengths + step)[:, None].astype(np.int32)
+        logits, cache = model.call_with_cache(chosen[:, None].astype(np.int32), step_positions, key_segments,
+                                              cache, prompt_len + step)
+        last = ops.convert_to_numpy(ops.cast(logits[:, -1, :], "float32"))
+    return outputs
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_ids: Sequence[int] | None = None, chat: bool = True) -> list[str]:
+    """Completions of `prompts`. `chat=True` wraps each as a user turn and opens the model turn
+    (Gemma's chat template); `chat=False` continues the raw text. Both start with <bos>."""
+    if stop_ids is None:
+        stop_ids = (tokenizer.end_of_turn_id, tokenizer.eos_id)
+    prompt_ids = [[tokenizer.bos_id] + tokenizer.encode(CHAT_PROMPT.format(prompt=p) if chat else p)
+                  for p in prompts]
+    new_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, pad_id=tokenizer.pad_id)
+    return [tokenizer.decode(ids) for ids in new_ids]
