@@ -21,6 +21,7 @@ _LAZY = {
     "RunResult": "gemma_tune.runner",
     "load_recipe": "gemma_tune.config",
     "Recipe": "gemma_tune.config",
+    "load_model": "gemma_tune.loading", "load_model_and_tokenizer": "gemma_tune.loading",
 }
 
 __all__ = sorted(_LAZY)
