@@ -40,6 +40,8 @@ def sft_loss(hidden, embedding, target_ids, loss_mask, num_targets, *, chunk_siz
     int, loss_mask [B, T] (1 = trained), num_targets a scalar N (the global count; ≥ 1 is enforced).
     `loss` is Σ nll / N (float32); `correct` the number of trained targets predicted by argmax.
     """
+    if any(d is None for d in hidden.shape):
+        raise ValueError(f"sft_loss needs static shapes to plan its chunks, got hidden states {hidden.shape}")
     width = hidden.shape[-1]
     hidden = ops.reshape(hidden, (-1, width))
     targets = ops.reshape(ops.cast(target_ids, "int32"), (-1,))

@@ -27,7 +27,7 @@ import keras
 
 from gemma_tune.errors import UserError
 from gemma_tune.train import checkpoint, measure
-from gemma_tune.train.data import eval_batches
+from gemma_tune.train.data import eval_batches, for_fit
 
 log = logging.getLogger("gemma_tune")
 
@@ -77,7 +77,9 @@ class NonFiniteGuard(StepCallback):
 
 
 class Throughput(StepCallback):
-    """Tokens/s, MFU and peak memory. Steps after the first are timed (the first includes compilation).
+    """Tokens/s, MFU and peak memory. A step is timed from the start of its first micro-batch to the
+    end of its last (the statistics' transfer to the host waits for the device), so the work of other
+    callbacks (eval, checkpoints) is not counted; the first step, which compiles, is left out of rates.
 
     `current()` gives the figures since the previous `current()` call; `summary()` those of the run.
     """
@@ -89,15 +91,20 @@ class Throughput(StepCallback):
         self.steps = 0
         self._timed_tokens, self._timed_s = 0.0, 0.0
         self._window_tokens, self._window_s = 0.0, 0.0
-        self._last = None
+        self._last = self._step_start = None
         self.started = None
+        self.last_rate: float | None = None  # tokens/s of the latest step
 
     def on_train_begin(self, logs=None):
         self.started = self._last = time.perf_counter()
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch % self.accum == 0:  # a step starts: time from here, not counting other callbacks' work
+            self._step_start = time.perf_counter()
+
     def on_step_end(self, step, stats):
         now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
+        elapsed, self._last = now - self._step_start, now
         self.tokens += stats["tokens"]
         self.trained_tokens += stats["targets"]
         self.steps += 1
@@ -106,6 +113,7 @@ class Throughput(StepCallback):
             self._timed_s += elapsed
         self._window_tokens += stats["tokens"]
         self._window_s += elapsed
+        self.last_rate = stats["tokens"] / elapsed if elapsed > 0 else None
 
     def _figures(self, tokens: float, seconds: float) -> dict:
         rate = tokens / seconds if seconds > 0 else None
@@ -153,8 +161,8 @@ class MetricsLogger(StepCallback):
         self._tokens += stats["tokens"]
         lr = self.learning_rate(step)
         if self.progbar is not None:
-            rate = self.throughput.tokens / max(time.perf_counter() - self.started, 1e-9)
-            values = [("loss", round(stats["loss"], 4)), ("lr", float(f"{lr:.3g}")), ("tok/s", round(rate))]
+            values = [("loss", round(stats["loss"], 4)), ("lr", float(f"{lr:.3g}")),
+                      ("tok/s", round(self.throughput.last_rate or 0.0))]
             self.progbar.update(step, values=values, finalize=step == self.total_steps)
         if step % self.log_every and step != self.total_steps:
             return
@@ -196,7 +204,7 @@ class _SumTestBatches(keras.callbacks.Callback):
 def evaluate(trainer, split, batch_size: int) -> dict:
     """Loss (Σ nll / Σ targets over the whole split), perplexity and token accuracy of `split`."""
     summed = _SumTestBatches()
-    trainer.evaluate(eval_batches(split, batch_size), steps=split.steps_per_epoch(batch_size), verbose=0,
+    trainer.evaluate(for_fit(eval_batches(split, batch_size)), steps=split.steps_per_epoch(batch_size), verbose=0,
                      callbacks=[summed])
     s = summed.sums
     loss = s["loss"] / s["targets"] if s["targets"] else float("nan")

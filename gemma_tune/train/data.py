@@ -7,6 +7,10 @@ loss of every micro-batch is divided by the count of the whole step. Resuming af
 micro-batch k·accum: the same batches as an uninterrupted run.
 
 Evaluation: every row once (`split.one_pass`), `num_targets` = 1, so the loss of a batch is its sum.
+
+`for_fit` hands an iterator to Keras: as is, except on TensorFlow, where it becomes a `tf.data`
+pipeline with the batch's static shapes (Keras' own generator adapter leaves the batch dimension
+unknown, and the chunked loss needs the token count of a batch when it is traced).
 """
 
 from __future__ import annotations
@@ -33,6 +37,24 @@ def train_batches(split, batch_size: int, accum: int, seed: int, start_step: int
             yield _with_count(batch, count)
 
 
-def eval_batches(split, batch_size: int) -> Iterator[dict]:
+def eval_batches(split, batch_size: int) -> Iterator[tuple[dict]]:
     for batch in split.one_pass(batch_size):
         yield _with_count(batch, 1.0)
+
+
+def for_fit(batches: Iterator[tuple[dict]]):
+    """`batches` for `fit`/`evaluate`: the iterator itself, or a statically shaped tf.data.Dataset."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return batches
+    import tensorflow as tf
+
+    first = next(batches)
+
+    def replay():
+        yield first
+        yield from batches
+
+    spec = ({k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in first[0].items()},)
+    return tf.data.Dataset.from_generator(replay, output_signature=spec)

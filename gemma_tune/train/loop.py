@@ -75,7 +75,7 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
                                             StopRequest, Throughput)
-    from gemma_tune.train.data import train_batches
+    from gemma_tune.train.data import for_fit, train_batches
     from gemma_tune.train.logs import MetricsSink
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
     from gemma_tune.train.task import CausalLMTrainer
@@ -133,7 +133,7 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
         log.info("training %d steps (%d to go) of batch %d x %d accumulated, %d tokens each row", steps,
                  steps - done, t.batch_size, t.grad_accum, recipe.data.max_length)
         with stop:
-            trainer.fit(train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done),
+            trainer.fit(for_fit(train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done)),
                         steps_per_epoch=(steps - done) * t.grad_accum, epochs=1, verbose=0,
                         callbacks=own + list(callbacks))
     sink.close()
