@@ -75,8 +75,7 @@ def enable_lora(model, rank: int, alpha: float, dropout: float = 0.0,
                 norm.trainable = False
     for path, layer in projections(model):
         if path.rsplit(".", 1)[-1] in target_names:
-            layer.enable_lora(rank, lora_alpha=alpha)
-            layer.set_lora_dropout(dropout)
+            layer.enable_lora(rank, lora_alpha=alpha, dropout=dropout)
         else:
             layer.trainable = False
 
@@ -160,7 +159,7 @@ def quantize_base(model, mode: str) -> None:
     for _, layer in projections(model):
         if layer.lora_enabled:
             raise ValueError("quantize_base must come before enable_lora")
-        layer.quantize(mode, config=config) if config is not None else layer.quantize(mode)
+        layer.quantize(mode, type_check=False, config=config)
 
 
 def count_params(model) -> dict[str, int]:

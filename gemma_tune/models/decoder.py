@@ -169,6 +169,7 @@ class GemmaCausalLM(keras.Model):
         token_ids = ops.convert_to_tensor(token_ids, "int32")
         length = ops.shape(token_ids)[1]
         key_segments = ops.cast(key_segments, "int32")
+        cache_index = ops.convert_to_tensor(cache_index, "int32")  # a tensor: one compiled step for all slots
         query_index = cache_index + ops.arange(length, dtype="int32")
         key_index = ops.arange(ops.shape(key_segments)[1], dtype="int32")
         query_segments = ops.slice(key_segments, [0, cache_index], [ops.shape(key_segments)[0], length])

@@ -26,19 +26,27 @@ class Projection(keras.layers.Dense):
         kwargs["use_bias"] = False
         super().__init__(units, **kwargs)
         self.lora_dropout = lora_dropout
-        self._lora_dropout_layer = keras.layers.Dropout(lora_dropout) if lora_dropout else None
+        self.lora_dropout_seed = None
 
-    def set_lora_dropout(self, rate: float) -> None:
-        self.lora_dropout = rate
-        self._lora_dropout_layer = keras.layers.Dropout(rate) if rate else None
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros",
+                    dropout: float | None = None):
+        """Keras' LoRA variables, plus the seed state of LoRA dropout when `dropout` (or the configured
+        `lora_dropout`) is positive."""
+        super().enable_lora(rank, lora_alpha=lora_alpha, a_initializer=a_initializer, b_initializer=b_initializer)
+        if dropout is not None:
+            self.lora_dropout = dropout
+        if self.lora_dropout:
+            self._tracker.unlock()
+            self.lora_dropout_seed = keras.random.SeedGenerator(name="lora_dropout_seed")
+            self._tracker.lock()
 
     def call(self, inputs, training=None):
         if not self.lora_enabled:
             return super().call(inputs, training=training)
         scaling = self.lora_alpha / self.lora_rank
         dropped = inputs
-        if self._lora_dropout_layer is not None and training:
-            dropped = self._lora_dropout_layer(inputs, training=training)
+        if self.lora_dropout and training:
+            dropped = keras.random.dropout(inputs, self.lora_dropout, seed=self.lora_dropout_seed)
         if self.quantization_mode is not None:
             outputs = super().call(inputs, training=training)  # includes scaling·x·A·B
             if dropped is inputs:
