@@ -14,6 +14,8 @@ EPILOG = """examples:
   gemma-tune list
   gemma-tune validate recipes/quickstart.yaml
   gemma-tune run recipes/quickstart.yaml --backend torch train.max_steps=50 lora.rank=8
+  gemma-tune export runs/quickstart --format safetensors --out exports/quickstart-hf
+  gemma-tune generate runs/quickstart --prompt "What is 2 plus 3?"
 """
 
 
@@ -54,6 +56,45 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start afresh even if the run directory has a checkpoint")
     p.set_defaults(handler=_run)
 
+    p = sub.add_parser("export", help="write a model as a keras archive/preset, HF safetensors or a PEFT adapter",
+                       description="Load SOURCE — a run directory (its latest checkpoint), a local Hugging Face "
+                                   "checkpoint or keras-hub preset, a gemma_tune export, hf://ORG/NAME or "
+                                   "kaggle://OWNER/MODEL/FRAMEWORK/VARIATION — and write it in one format. The "
+                                   "output directory appears only when complete.")
+    p.add_argument("source", help="what to export (anything gemma_tune.load_model accepts)")
+    p.add_argument("--format", dest="fmt", required=True, choices=("keras", "safetensors", "peft"),
+                   help="keras: .keras archive + keras-hub preset; safetensors: Hugging Face checkpoint; "
+                        "peft: the LoRA adapters alone")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
+    merge = p.add_mutually_exclusive_group()
+    merge.add_argument("--merge-lora", dest="merge_lora", action="store_true", default=True,
+                       help="fold LoRA adapters into the weights, exactly in float32 (default)")
+    merge.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
+                       help="export the base weights without the adapters")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the exported weights (default: float32, the dtype it is loaded in)")
+    p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    _add_backend(p)
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("generate", help="sample completions from a model with a KV cache",
+                       description="Load MODEL (anything `gemma-tune export` accepts as SOURCE) and complete each "
+                                   "--prompt, wrapped in Gemma's chat template unless --raw. Greedy by default.")
+    p.add_argument("model", help="a run directory, HF checkpoint or keras-hub preset dir, an export, hf://, kaggle://")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--raw", action="store_true", help="continue the prompt text as is (no chat template)")
+    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model file (default: beside the weights)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
+    _add_backend(p)
+    p.set_defaults(handler=_generate)
+
     p = sub.add_parser("list", help="list the bundled recipes and model presets",
                        description="List recipes/ and configs/models/ presets with a line on each.")
     p.set_defaults(handler=_list)
@@ -88,6 +129,41 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run(args.recipe, args.overrides, backend=args.backend, resume=args.resume)
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gemma_tune.backend import select_backend
+
+    select_backend(args.backend)
+    from gemma_tune.export import export_model
+    from gemma_tune.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.source, preset=args.preset)
+    out = export_model(model, tokenizer, args.out, args.fmt, merge_lora=args.merge_lora, dtype=args.dtype,
+                       force=args.force)
+    print(f"exported {args.source} as {args.fmt} -> {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from gemma_tune.backend import select_backend
+
+    select_backend(args.backend)
+    from gemma_tune.errors import ConfigError
+    from gemma_tune.generate import generate
+    from gemma_tune.loading import load_model_and_tokenizer
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
+            args.top_p is not None and not 0 < args.top_p <= 1):
+        raise ConfigError("--max-new-tokens and --top-k must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    model, tokenizer = load_model_and_tokenizer(args.model, preset=args.preset, dtype=args.dtype,
+                                                tokenizer=args.tokenizer)
+    completions = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           chat=not args.raw)
+    for prompt, completion in zip(args.prompt, completions):
+        print(f"### {prompt}\n{completion}\n")
     return 0
 
 

@@ -7,7 +7,10 @@ the directory holds:
     way, then the adapter applied (`gemma_tune.checkpoints.peft`);
   * a keras-hub preset — metadata.json, or config.json with a "class_name" (`gemma_tune.checkpoints.keras_hub`);
   * a gemma_tune export of either format (the same layouts, also one level down in a keras export);
-  * a gemma_tune run directory (recipe.yaml + manifest.json): its exports, in the order of `RUN_EXPORTS`.
+  * a gemma_tune run directory (recipe.yaml + manifest.json): its latest training checkpoint
+    (`checkpoints/step_N/model.safetensors`, keyed by Keras variable path) restored onto the model its
+    recipe builds — base weights, quantisation and LoRA adapters as trained, unmerged — or, without a
+    checkpoint, its exports in the order of `RUN_EXPORTS`.
 `preset` names a configs/models preset: its architecture must agree with the checkpoint's (a
 CheckpointError says which fields differ) and is the one used, which lets a preset supply fields a
 checkpoint does not record.
@@ -90,6 +93,11 @@ def _load_dir(path: Path, preset: str | None, dtype: str, where: str):
         if _is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
             return _load_dir(sub, preset, dtype, where)
     if _is_run_dir(path):
+        from gemma_tune.train.checkpoint import latest
+
+        found = latest(path)
+        if found is not None:
+            return _load_run_checkpoint(path, found, preset, dtype)
         for export in RUN_EXPORTS:
             if (path / export).is_dir():
                 return _load_dir(path / export, preset, dtype, where)
@@ -100,25 +108,95 @@ def _load_dir(path: Path, preset: str | None, dtype: str, where: str):
                           "directory", where=where)
 
 
+def run_recipe(run_dir: Path):
+    """The resolved recipe of a run directory (schema-checked only: its data files may be gone)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from gemma_tune.config.schema import Recipe
+
+    path = run_dir / "recipe.yaml"
+    try:
+        return Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (OSError, yaml.YAMLError, ValidationError) as e:
+        raise CheckpointError(f"not a readable resolved recipe ({e})", where=str(path)) from e
+
+
+def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None, dtype: str):
+    """The model a run trained, as of `checkpoint_dir`: built as its recipe says, variables restored."""
+    from keras import ops
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from gemma_tune.config import recipe_architecture
+    from gemma_tune.models import build_model, enable_lora, quantize_base
+
+    recipe = run_recipe(run_dir)
+    where = str(checkpoint_dir / "model.safetensors")
+    if recipe.model.weights is not None:  # the base's architecture (and file layout) come from its weights
+        model = load_model(recipe.model.weights, preset=recipe.model.preset, dtype=dtype)
+    else:
+        model = build_model(recipe_architecture(recipe), dtype=dtype)
+    _check_preset(model.architecture, preset, str(run_dir))
+    if recipe.quantize is not None:
+        quantize_base(model, recipe.quantize)
+    if recipe.lora is not None:
+        lora = recipe.lora
+        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    model.checkpoint_source = recipe.model.weights or ""  # a random-init base has no source
+    try:
+        tensors = load_file(where)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"not a readable checkpoint ({e})", where=where) from e
+    by_path, shared = {}, set()
+    for variable in model.variables:
+        if variable.path in by_path:
+            shared.add(variable.path)
+        by_path[variable.path] = variable
+    # Paths several variables share (the LoRA dropout seed states) cannot be told apart; none holds a weight.
+    weights = {p: v for p, v in by_path.items() if p not in shared}
+    missing = sorted(set(weights) - set(tensors))
+    if missing:
+        raise CheckpointError(f"the checkpoint does not fit the run's recipe: missing {', '.join(missing[:5])}",
+                              where=where)
+    for path, variable in weights.items():
+        value = tensors[path]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise CheckpointError(f"{path}: shape {list(value.shape)}, the run's recipe builds "
+                                  f"{list(variable.shape)}", where=where)
+        variable.assign(ops.cast(value, variable.dtype))
+    return model
+
+
 def load_model(source, preset: str | None = None, dtype: str = "float32"):
     """A `GemmaCausalLM` from `source` (see the module docstring). `dtype` is the Keras dtype policy
-    ("float32", "bfloat16", "mixed_bfloat16"). The model records `checkpoint_source` (for PEFT exports)."""
+    ("float32", "bfloat16", "mixed_bfloat16").
+
+    The model records `checkpoint_source`: the base weights a PEFT export of it applies to (the source
+    itself; for a PEFT adapter its base; for a run directory its recipe's `model.weights`)."""
     from gemma_tune.checkpoints.sources import resolve_source
 
-    path = resolve_source(source)
+    return _load(resolve_source(source), source, preset, dtype)
+
+
+def _load(path: Path, source, preset: str | None, dtype: str):
     model = _load_dir(path, preset, dtype, where=str(source))
-    model.checkpoint_source = str(source)
+    if not hasattr(model, "checkpoint_source"):
+        model.checkpoint_source = str(source)
     return model
 
 
 def load_model_and_tokenizer(source, preset: str | None = None, dtype: str = "float32", tokenizer=None):
-    """(model, tokenizer): the tokenizer from `tokenizer` when given, else found next to the weights."""
+    """(model, tokenizer): the tokenizer from `tokenizer` when given, else found next to the weights
+    (for a run directory: its recipe's tokenizer)."""
     from gemma_tune.checkpoints.sources import resolve_source
     from gemma_tune.tokenizer import load_tokenizer
 
     path = resolve_source(source)
-    model = load_model(path, preset=preset, dtype=dtype)
-    model.checkpoint_source = str(source)
+    model = _load(path, source, preset, dtype)
+    if tokenizer is None and _is_run_dir(path):
+        recipe = run_recipe(path)
+        tokenizer = recipe.model.tokenizer or recipe.model.weights
     return model, load_tokenizer(tokenizer or _tokenizer_dir(path))
 
 

@@ -23,7 +23,7 @@ def base_model_name(model) -> str | None:
     """What the model was loaded from (`load_model` records it), as PEFT's `base_model_name_or_path`:
     `ORG/NAME` for `hf://ORG/NAME`, else the source as given (an absolute local path)."""
     source = getattr(model, "checkpoint_source", None)
-    if source is None:
+    if not source:
         return None
     source = str(source)
     if source.startswith("hf://"):
