@@ -70,10 +70,10 @@ class NonFiniteGuard(StepCallback):
         if math.isfinite(stats["loss"]):
             return
         last = checkpoint.latest(self.run_dir)
-        kept = (f"the last good checkpoint, {last}, is kept; resume from it with a lower learning rate"
-                if last else "no checkpoint was written before it")
-        raise TrainingDiverged(f"the training loss became {stats['loss']} at step {step}; {kept} "
-                               "(or lower train.learning_rate / set train.max_grad_norm)", where="train")
+        advice = "lower train.learning_rate, or set train.max_grad_norm"
+        kept = (f"the last good checkpoint, {last}, is kept: resume from it with --resume after you {advice}"
+                if last else f"no checkpoint was written before it; {advice}")
+        raise TrainingDiverged(f"the training loss became {stats['loss']} at step {step}; {kept}", where="train")
 
 
 class Throughput(StepCallback):

@@ -1,7 +1,8 @@
 """Training checkpoints: `run_dir/checkpoints/step_N/`, written atomically, the last `KEEP` kept.
 
 A checkpoint directory holds
-  model.safetensors       every variable of the GemmaCausalLM by its Keras path: base weights, LoRA
+  model.safetensors       every variable of the GemmaCausalLM, keyed `NNNNN/<variable path>` in
+                          `model.variables` order: base weights, LoRA
                           adapters, quantised kernels and scales, and the dropout seed generators'
                           states (Keras' `save_weights` would merge LoRA into the kernels: see
                           docs/CONTRACTS.md), bfloat16 variables stored as float32
@@ -50,16 +51,13 @@ def _numpy(variable) -> np.ndarray:
     value = ops.convert_to_numpy(variable.value)
     if value.dtype.name == "bfloat16":
         value = value.astype(np.float32)
-    return np.ascontiguousarray(value)
+    return np.array(value, order="C")  # (np.ascontiguousarray would make scalars 1-D)
 
 
-def _by_path(variables, where: str) -> dict:
-    named = {}
-    for v in variables:
-        if v.path in named:
-            raise CheckpointError(f"two variables share the path {v.path!r}", where=where)
-        named[v.path] = v
-    return named
+def _keyed(variables) -> dict:
+    """`NNNNN/<path>` -> variable, in the given order (paths alone are not unique: every LoRA dropout
+    seed generator's state is `lora_dropout_seed/seed_generator_state`)."""
+    return {f"{i:05d}/{v.path}": v for i, v in enumerate(variables)}
 
 
 def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
@@ -74,9 +72,8 @@ def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({path: _numpy(v) for path, v in _by_path(lm.variables, str(final)).items()},
-              str(tmp / "model.safetensors"))
-    save_file({f"{i:05d}/{v.path}": _numpy(v) for i, v in enumerate(optimizer.variables)},
+    save_file({key: _numpy(v) for key, v in _keyed(lm.variables).items()}, str(tmp / "model.safetensors"))
+    save_file({key: _numpy(v) for key, v in _keyed(optimizer.variables).items()},
               str(tmp / "optimizer.safetensors"))
     numpy_state = np.random.get_state()
     full_state = dict(state, step=step, rng={
@@ -107,8 +104,8 @@ def _restore(variables: dict, tensors: dict, where: str, hint: str) -> None:
     for path, variable in variables.items():
         value = tensors[path]
         if tuple(value.shape) != tuple(variable.shape):
-            raise CheckpointError(f"{path}: shape {tuple(value.shape)} in the checkpoint, {tuple(variable.shape)} "
-                                  f"in this run ({hint})", where=where)
+            raise CheckpointError(f"the checkpoint does not fit this run ({hint}): {path} has shape "
+                                  f"{tuple(value.shape)} there, {tuple(variable.shape)} here", where=where)
         variable.assign(value)  # Keras casts to the variable's dtype (float32 -> bfloat16)
 
 
@@ -121,10 +118,9 @@ def load(path: Path, lm, optimizer) -> dict:
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"incomplete checkpoint: {name} is missing", where=str(path))
-    _restore(_by_path(lm.variables, str(path)), load_file(str(path / "model.safetensors")),
+    _restore(_keyed(lm.variables), load_file(str(path / "model.safetensors")),
              str(path / "model.safetensors"), "another model, lora or quantize setting?")
-    _restore({f"{i:05d}/{v.path}": v for i, v in enumerate(optimizer.variables)},
-             load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
+    _restore(_keyed(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
              "another optimizer, or other trainable weights?")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     rng = state.get("rng", {})

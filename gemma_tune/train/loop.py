@@ -146,8 +146,10 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
     plot_loss(sink.rows, run_dir / "loss_curve.png")
     print(write_summary(summary, run_dir), flush=True)
     if interrupted:
-        raise TrainingInterrupted(f"stopped at step {checkpointer.stopped_at} on request; checkpoint "
-                                  f"{checkpointer.saved}; run the same command again to continue")
+        message = (f"stopped at step {checkpointer.stopped_at} on request; checkpoint {checkpointer.saved}; "
+                   "run the same command again to continue")
+        log.warning(message)
+        raise TrainingInterrupted(message)
     return {"history": sink.history(), "exports": exports, "summary": summary}
 
 

@@ -57,7 +57,7 @@ def build_optimizer(train, schedule, loss_scaling: bool = False) -> keras.optimi
     `train.grad_accum` > 1 uses Keras' `gradient_accumulation_steps` (gradients averaged over the
     micro-steps, then clipped, then applied); `loss_scaling` wraps it in a `LossScaleOptimizer` (float16).
     """
-    common = {"learning_rate": schedule, "global_clipnorm": train.max_grad_norm,
+    common = {"name": "optimizer", "learning_rate": schedule, "global_clipnorm": train.max_grad_norm,
               "gradient_accumulation_steps": train.grad_accum if train.grad_accum > 1 else None}
     if train.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(weight_decay=train.weight_decay, **common)

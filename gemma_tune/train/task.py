@@ -25,8 +25,8 @@ MODEL_INPUTS = ("token_ids", "segment_ids", "positions")
 class CausalLMTrainer(keras.Model):
     """Wraps `lm` (a GemmaCausalLM) for `fit`/`evaluate`; see the module docstring."""
 
-    def __init__(self, lm, *, chunk_size: int = 1024, accum: int = 1, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, lm, *, chunk_size: int = 1024, accum: int = 1, name: str = "trainer", **kwargs):
+        super().__init__(name=name, **kwargs)
         self.lm = lm
         self.chunk_size = chunk_size
         self.accum = accum

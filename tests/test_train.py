@@ -1,0 +1,158 @@
+"""The SFT trainer end to end on a tiny model: the loss falls, full / LoRA / QLoRA train what they should,
+accumulation equals a big batch, a diverging run stops cleanly, and what a run writes."""
+
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import gemma_tune
+
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_kv_heads": 1,
+        "head_dim": 16, "query_pre_attn_scalar": 16}
+
+
+if keras.backend.backend() == "jax":  # identical programs compile once per test session
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gemma_tune_jax_cache"))
+
+
+def recipe(run_dir, lora=None, quantize=None, eval_data=False, **train):
+    data = {"train": {"path": "data/tiny/chat.jsonl", "format": "chat"}, "max_length": 128}
+    if eval_data:
+        data["eval"] = {"path": "data/tiny/chat_eval.jsonl", "format": "chat"}
+    return {
+        "name": "tiny", "seed": 0, "output_dir": str(run_dir),
+        "model": {"preset": "gemma3_tiny", "architecture": TINY, "weights": None,
+                  "tokenizer": "data/tiny/tokenizer.model", "dtype": "float32"},
+        "lora": lora, "quantize": quantize,
+        "data": data,
+        "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 3e-3, "schedule": "constant",
+                  "log_every": 1, **train},
+    }
+
+
+def checkpoint_weights(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"step_{step}" / "model.safetensors"))
+
+
+def initial_weights(tmp_path, **kw):
+    """The variables a run starts from: the recipe's model built after seeding, as `run` does."""
+    from keras import ops
+
+    from gemma_tune.train.build import build_for_recipe
+
+    keras.utils.set_random_seed(0)
+    model, _ = build_for_recipe(gemma_tune.load_recipe(recipe(tmp_path / "init", **kw)))
+    return {v.path: ops.convert_to_numpy(v.value) for v in model.variables}
+
+
+def test_loss_decreases_and_run_outputs(tmp_path):
+    run_dir = tmp_path / "run"
+    result = gemma_tune.run(recipe(run_dir, eval_data=True, max_steps=16, batch_size=8, eval_every=8,
+                                   save_every=8, learning_rate=1e-2))
+    losses = result.history["loss"]
+    assert result.history["step"] == list(range(1, 17))
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-4:]) < losses[0] - 0.5, losses
+    assert result.history["eval_step"] == [8, 16]
+    assert result.history["eval_loss"][1] < result.history["eval_loss"][0]
+    assert result.history["eval_perplexity"][1] == pytest.approx(math.exp(result.history["eval_loss"][1]))
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 17))
+    csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,split,loss") and len(csv_lines) == 1 + len(rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 16
+    assert summary["tokens"] > summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["final_loss"] == pytest.approx(losses[-1])
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_16", "step_8"]
+    assert _tensorboard_scalars(run_dir / "tensorboard")["train/loss"] == pytest.approx(losses)
+
+
+def _tensorboard_scalars(log_dir):
+    """{tag: [values]} read from TensorBoard event files (TFRecord framing of Event protos)."""
+    from tensorboard.compat.proto import event_pb2
+
+    out = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append(value.simple_value)
+    return out
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora_int8"])
+def test_full_lora_qlora_train_what_they_should(tmp_path, method):
+    lora = {"rank": 4, "alpha": 8, "targets": ["q", "v", "down"]} if method != "full" else None
+    quantize = "int8" if method == "qlora_int8" else None
+    before = initial_weights(tmp_path, lora=lora, quantize=quantize)
+    run_dir = tmp_path / "run"
+    result = gemma_tune.run(recipe(run_dir, lora=lora, quantize=quantize, max_steps=3, save_every=3))
+    after = checkpoint_weights(run_dir, 3)
+    assert set(before) == set(after) and all(math.isfinite(x) for x in result.history["loss"])
+    changed = {name for name in after if not np.array_equal(before[name], after[name])}
+    adapters = {name for name in after if "lora_kernel" in name}
+    if method == "full":
+        assert not adapters
+        # every weight trains: embedding, norms and projections (seed generators aside)
+        assert changed == {n for n in after if "seed_generator" not in n}
+    else:
+        # 3 targets x 2 layers x (A, B); only they change, the base (quantised or not) is frozen
+        assert len(adapters) == 12 and changed == adapters
+        kernels = [n for n in after if n.endswith("q_proj/kernel")]
+        dtype = after[kernels[0]].dtype
+        assert dtype == (np.int8 if quantize else np.float32)
+        summary_counts = _count_lora(after, adapters)
+        assert summary_counts == 2 * (4 * (32 + 32) + 4 * (32 + 16) + 4 * (64 + 32))
+
+
+def _count_lora(weights, names):
+    return sum(int(np.prod(weights[n].shape)) for n in names)
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    """One SGD step on 8 rows: batch 8 == 4 accumulated micro-batches of 2 (same rows, same update)."""
+    common = dict(max_steps=1, save_every=1, optimizer="sgd", learning_rate=0.5, max_grad_norm=None)
+    big = gemma_tune.run(recipe(tmp_path / "big", batch_size=8, **common))
+    accumulated = gemma_tune.run(recipe(tmp_path / "acc", batch_size=2, grad_accum=4, **common))
+    assert accumulated.history["loss"][0] == pytest.approx(big.history["loss"][0], rel=1e-6)
+    a, b = checkpoint_weights(tmp_path / "big", 1), checkpoint_weights(tmp_path / "acc", 1)
+    init = initial_weights(tmp_path)
+    for name in a:
+        if "seed_generator" in name:
+            continue
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        if name.endswith("kernel"):  # and the step really moved the weights
+            assert not np.array_equal(a[name], init[name]), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    from gemma_tune.cli import main
+
+    run_dir = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe(run_dir, max_steps=6, save_every=1, optimizer="sgd", learning_rate=1e30,
+                                      max_grad_norm=None)))
+    assert main(["run", str(path)]) == 2  # a user error: message, exit code 2, no traceback
+    err = capsys.readouterr().err
+    assert "gemma-tune: error: train: the training loss became" in err and "Traceback" not in err
+    step = int(re.search(r"at step (\d+)", err).group(1))
+    assert 1 < step <= 6 and f"step_{step - 1}, is kept" in err and "train.learning_rate" in err
+    kept = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").iterdir())
+    assert kept[-1] == step - 1  # nothing was saved at or after the step that diverged
