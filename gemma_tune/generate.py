@@ -45,6 +45,36 @@ def next_token(logits: np.ndarray, rng: np.random.Generator, temperature: float,
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
 
 
+def decoding_step(model):
+    """`model.call_with_cache`, compiled where the backend gains from it.
+
+    On JAX, eager decoding dispatches (and compiles) op by op; the step is jitted over the variables'
+    current values instead (prefill and per-token shapes: two compilations per call of `generate_ids`).
+    Other backends run it eagerly. The compiled step is kept on the model while its variables stay the
+    same, so repeated calls with the same shapes compile nothing.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return model.call_with_cache
+    import jax
+
+    variables = list(model.variables)
+    key = tuple(id(v) for v in variables)
+    cached = getattr(model, "_compiled_decoding_step", None)
+    if cached is not None and cached[0] == key:
+        compiled = cached[1]
+        return lambda *args: compiled([v.value for v in variables], *args)
+
+    def step(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return model.call_with_cache(*args)
+
+    compiled = jax.jit(step)
+    model._compiled_decoding_step = (key, compiled)
+    return lambda *args: compiled([v.value for v in variables], *args)
+
+
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
@@ -69,7 +99,8 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: 
     rng = np.random.default_rng(seed)
     stop = set(int(s) for s in stop_ids)
     cache = model.init_cache(batch, total)
-    logits, cache = model.call_with_cache(tokens, positions, key_segments, cache, 0)
+    step_fn = decoding_step(model)
+    logits, cache = step_fn(tokens, positions, key_segments, cache, np.int32(0))
     last = ops.convert_to_numpy(ops.cast(logits[:, -1, :], "float32"))
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
@@ -83,8 +114,8 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: 
         if done.all() or step == max_new_tokens - 1:
             break
         step_positions = (lengths + step)[:, None].astype(np.int32)
-        logits, cache = model.call_with_cache(chosen[:, None].astype(np.int32), step_positions, key_segments,
-                                              cache, prompt_len + step)
+        logits, cache = step_fn(chosen[:, None].astype(np.int32), step_positions, key_segments, cache,
+                                np.int32(prompt_len + step))
         last = ops.convert_to_numpy(ops.cast(logits[:, -1, :], "float32"))
     return outputs
 
