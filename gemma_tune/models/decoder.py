@@ -96,8 +96,11 @@ class GemmaCausalLM(keras.Model):
         self.attention_implementation = attention_implementation
         self.remat = False  # set by the trainer: recompute each block in the backward pass
         policy = self.dtype_policy
+        # E ~ N(0, 1/d_model): the scaled input E[token]·√d_model has unit variance, and a hidden state
+        # aligned with E[v] reaches logits of order √d_model, so even a frozen random head can be fitted.
         self.token_embedding = keras.layers.Embedding(
-            arch.vocab_size, arch.hidden_size, embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            arch.vocab_size, arch.hidden_size,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=arch.hidden_size ** -0.5),
             dtype=policy, name="token_embedding")
         self.blocks = [DecoderBlock(arch.model_dump(), i, attention_implementation, dtype=policy,
                                     name=f"block_{i}") for i in range(arch.num_layers)]
