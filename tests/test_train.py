@@ -49,10 +49,11 @@ def initial_weights(tmp_path, **kw):
     from keras import ops
 
     from gemma_tune.train.build import build_for_recipe
+    from gemma_tune.train.checkpoint import keyed_variables
 
     keras.utils.set_random_seed(0)
     model, _ = build_for_recipe(gemma_tune.load_recipe(recipe(tmp_path / "init", **kw)))
-    return {v.path: ops.convert_to_numpy(v.value) for v in model.variables}
+    return {key: ops.convert_to_numpy(v.value) for key, v in keyed_variables(model.variables).items()}
 
 
 def test_loss_decreases_and_run_outputs(tmp_path):

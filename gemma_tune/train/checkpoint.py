@@ -1,13 +1,11 @@
 """Training checkpoints: `run_dir/checkpoints/step_N/`, written atomically, the last `KEEP` kept.
 
 A checkpoint directory holds
-  model.safetensors       every variable of the GemmaCausalLM, keyed `NNNNN/<variable path>` in
-                          `model.variables` order: base weights, LoRA
+  model.safetensors       every variable of the GemmaCausalLM by its Keras path (`keyed_variables`): base weights, LoRA
                           adapters, quantised kernels and scales, and the dropout seed generators'
                           states (Keras' `save_weights` would merge LoRA into the kernels: see
                           docs/CONTRACTS.md), bfloat16 variables stored as float32
-  optimizer.safetensors   every optimiser variable (iterations, moments, gradient accumulators),
-                          keyed `NNNNN/<variable path>` in `optimizer.variables` order
+  optimizer.safetensors   every optimiser variable (iterations, moments, gradient accumulators), the same way
   state.json              step, the data position (the next micro-batch index of
                           `Split.batches(batch_size, seed)`), run totals, and NumPy's and Python's
                           global RNG states
@@ -54,10 +52,14 @@ def _numpy(variable) -> np.ndarray:
     return np.array(value, order="C")  # (np.ascontiguousarray would make scalars 1-D)
 
 
-def _keyed(variables) -> dict:
-    """`NNNNN/<path>` -> variable, in the given order (paths alone are not unique: every LoRA dropout
-    seed generator's state is `lora_dropout_seed/seed_generator_state`)."""
-    return {f"{i:05d}/{v.path}": v for i, v in enumerate(variables)}
+def keyed_variables(variables) -> dict:
+    """Variables by Keras path; a path that several variables share (every LoRA dropout seed generator's
+    state is `lora_dropout_seed/seed_generator_state`) gets `#1`, `#2`, … in order after the first."""
+    keyed, seen = {}, {}
+    for v in variables:
+        n = seen[v.path] = seen.get(v.path, -1) + 1
+        keyed[f"{v.path}#{n}" if n else v.path] = v
+    return keyed
 
 
 def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
@@ -72,8 +74,8 @@ def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({key: _numpy(v) for key, v in _keyed(lm.variables).items()}, str(tmp / "model.safetensors"))
-    save_file({key: _numpy(v) for key, v in _keyed(optimizer.variables).items()},
+    save_file({key: _numpy(v) for key, v in keyed_variables(lm.variables).items()}, str(tmp / "model.safetensors"))
+    save_file({key: _numpy(v) for key, v in keyed_variables(optimizer.variables).items()},
               str(tmp / "optimizer.safetensors"))
     numpy_state = np.random.get_state()
     full_state = dict(state, step=step, rng={
@@ -118,9 +120,9 @@ def load(path: Path, lm, optimizer) -> dict:
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"incomplete checkpoint: {name} is missing", where=str(path))
-    _restore(_keyed(lm.variables), load_file(str(path / "model.safetensors")),
+    _restore(keyed_variables(lm.variables), load_file(str(path / "model.safetensors")),
              str(path / "model.safetensors"), "another model, lora or quantize setting?")
-    _restore(_keyed(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
+    _restore(keyed_variables(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
              "another optimizer, or other trainable weights?")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     rng = state.get("rng", {})
