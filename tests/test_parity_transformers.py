@@ -17,7 +17,7 @@ from gemma_tune import load_model
 from gemma_tune.errors import CheckpointError
 
 TOL = 1e-4
-VOCAB, WINDOW, LENGTH = 256, 8, 20  # LENGTH > WINDOW: the sliding layers' mask matters
+VOCAB, WINDOW, BATCH, LENGTH = 256, 8, 3, 20  # LENGTH > WINDOW: the sliding layers' mask matters
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
 CONFIGS = {
@@ -70,7 +70,8 @@ def our_logits(model, ids, mask):
     return keras.ops.convert_to_numpy(model({"token_ids": ids, "padding_mask": mask})).astype(np.float32)
 
 
-def random_ids(batch, length, seed=0):
+def random_ids(batch=BATCH, length=LENGTH, seed=0):
+    """Token ids; one shape [BATCH, LENGTH] for every logits test keeps eager backends' op caches warm."""
     return np.random.RandomState(seed).randint(3, VOCAB, (batch, length)).astype(np.int32)
 
 
@@ -85,7 +86,7 @@ def test_logits_match_transformers(checkpoint):
     family, reference, path = checkpoint
     ours = load_model(path)
     assert ours.architecture.family == family
-    ids = random_ids(2, LENGTH)
+    ids = random_ids()
     mask = np.ones_like(ids)
     ref = reference_logits(reference, ids, mask)
     assert np.abs(ref).max() > 1.0  # logits far from zero: the comparison is not vacuous
@@ -96,7 +97,7 @@ def test_logits_match_transformers(checkpoint):
 def test_padded_batch_matches_transformers(checkpoint, side):
     _, reference, path = checkpoint
     ours = load_model(path)
-    ids = random_ids(3, LENGTH, seed=1)
+    ids = random_ids(seed=1)
     lengths = [LENGTH, 13, 5]
     mask = np.zeros_like(ids)
     for row, n in enumerate(lengths):
@@ -116,7 +117,7 @@ def test_sharded_checkpoint(checkpoint, tmp_path):
     reference.save_pretrained(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
-    ids = random_ids(1, LENGTH, seed=2)
+    ids = random_ids(seed=2)
     mask = np.ones_like(ids)
     assert np.abs(our_logits(load_model(tmp_path), ids, mask) - reference_logits(reference, ids, mask)).max() <= TOL
 
@@ -136,7 +137,7 @@ def multimodal_copy(path, dst, prefix):
 def test_multimodal_gemma3_layouts(checkpoints, tmp_path, prefix):
     reference, path = checkpoints["gemma3"]
     multimodal_copy(path, tmp_path, prefix)
-    ids = random_ids(1, LENGTH, seed=3)
+    ids = random_ids(seed=3)
     mask = np.ones_like(ids)
     assert np.abs(our_logits(load_model(tmp_path), ids, mask) - reference_logits(reference, ids, mask)).max() <= TOL
 
@@ -193,3 +194,22 @@ def test_not_a_checkpoint(tmp_path):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_model(tmp_path / "absent")
+
+
+def transformers_greedy(model, prompt, new_tokens):
+    model.generation_config.eos_token_id = None  # run the full length, as stop_ids=() does for ours
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+    """Batched prompts of different lengths (left-padded in ours), decoding past the sliding window."""
+    from gemma_tune.generate import generate_ids
+
+    _, reference, path = checkpoint
+    prompts = [random_ids(1, 7, seed=4)[0].tolist(), random_ids(1, 3, seed=5)[0].tolist()]
+    new_tokens = WINDOW + 4  # 7 + 12 tokens: past the window
+    ours = generate_ids(load_model(path), prompts, max_new_tokens=new_tokens, temperature=0.0, stop_ids=())
+    assert ours == [transformers_greedy(reference, p, new_tokens) for p in prompts]
