@@ -65,15 +65,49 @@ def fused_attention(query, key, value, mask, *, scale: float):
     return ops.dot_product_attention(query, key, value, mask=mask[:, None, :, :], scale=scale)
 
 
-def attend(query, key, value, mask, *, scale: float, softcap: float | None, implementation: str = "auto"):
-    """Attention through the fused kernel where it is exact (no soft-cap), else the plain path.
+def cudnn_attention_available(dtype) -> bool:
+    """Whether the cuDNN flash-attention fast path applies: JAX backend, a GPU, 16-bit compute."""
+    if keras.backend.backend() != "jax" or str(dtype) not in ("bfloat16", "float16"):
+        return False
+    import jax
 
-    `implementation`: "auto", "plain" or "fused" ("fused" with a soft-cap is an error).
+    return jax.devices()[0].platform == "gpu"
+
+
+def cudnn_attention(query, key, value, mask, *, scale: float, window: int | None):
+    """JAX's cuDNN flash attention (the backend-specific fast path; JAX on GPU only).
+
+    Self-attention over one frame (query i and key i are the same token): cuDNN applies the causal
+    and sliding-window structure itself and skips the blocks they exclude; `mask` (segments and
+    padding, a subset of causal ∧ window) is added as a bias. Never builds [B, heads, T, T] logits.
+    """
+    import jax
+
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask[:, None, :, :], scale=scale, is_causal=True,
+        local_window_size=(window - 1, 0) if window is not None else None, implementation="cudnn")
+
+
+def attend(query, key, value, mask, *, scale: float, softcap: float | None, implementation: str = "auto",
+           self_attention_window: int | None | bool = False):
+    """Attention through the fastest exact path.
+
+    `implementation`: "plain" (keras.ops reference; the only one with a soft-cap), "fused"
+    (`keras.ops.dot_product_attention`), "cudnn" (JAX GPU flash attention, self-attention only), or
+    "auto": cuDNN where it applies, else fused without a soft-cap, else plain.
+    `self_attention_window`: False when queries and keys are not one frame (decoding with a cache);
+    otherwise the layer's window (None for global layers), which the cuDNN path needs.
     """
     if implementation == "plain" or (implementation == "auto" and softcap is not None):
         return plain_attention(query, key, value, mask, scale=scale, softcap=softcap)
     if softcap is not None:
-        raise ValueError("the fused attention kernel has no exact logit soft-cap")
+        raise ValueError(f"the {implementation} attention kernel has no exact logit soft-cap")
+    self_attention = self_attention_window is not False
+    if implementation == "cudnn" or (implementation == "auto" and self_attention
+                                     and cudnn_attention_available(query.dtype)):
+        if not self_attention:
+            raise ValueError("the cudnn attention path needs self-attention over one frame (no cache)")
+        return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
     return fused_attention(query, key, value, mask, scale=scale)
 
 
@@ -142,7 +176,8 @@ class GemmaAttention(keras.layers.Layer):
             values = ops.slice_update(values, start, ops.cast(v, values.dtype))
             k, v = keys, values
         out = attend(q, k, v, mask, scale=self.query_scale, softcap=self.softcap,
-                     implementation=self.implementation)
+                     implementation=self.implementation,
+                     self_attention_window=False if cache is not None else self.window)
         length = ops.shape(x)[1]
         out = self.o_proj(ops.reshape(out, (-1, length, self.num_heads * self.head_dim)), training=training)
         return (out, (k, v)) if cache is not None else out
