@@ -5,7 +5,7 @@ the directory holds:
   * a Hugging Face checkpoint — config.json with a Gemma `model_type` (`gemma_tune.checkpoints.hf`);
   * a PEFT adapter — adapter_config.json: its base model (`base_model_name_or_path`) is loaded the same
     way, then the adapter applied (`gemma_tune.checkpoints.peft`);
-  * a keras-hub preset — metadata.json, or config.json with a "class_name" (`gemma_tune.checkpoints.keras_hub`);
+  * a keras-hub preset — config.json naming a keras-hub class (`gemma_tune.checkpoints.keras_hub`);
   * a gemma_tune export of either format (the same layouts, also one level down in a keras export);
   * a gemma_tune run directory (recipe.yaml + manifest.json): its latest training checkpoint
     (`checkpoints/step_N/model.safetensors`, keyed by Keras variable path) restored onto the model its
@@ -18,7 +18,6 @@ checkpoint does not record.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from gemma_tune.errors import CheckpointError
@@ -26,18 +25,6 @@ from gemma_tune.errors import CheckpointError
 RUN_EXPORTS = ("exports/safetensors", "exports/keras")
 DECODER_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim")
-
-
-def _is_keras_hub_preset(path: Path) -> bool:
-    if (path / "metadata.json").is_file():
-        return True
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "class_name" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -74,6 +61,7 @@ def _check_preset(arch, preset: str | None, where: str):
 def _load_dir(path: Path, preset: str | None, dtype: str, where: str):
     from gemma_tune.checkpoints.hf import is_hf_checkpoint, load_hf_checkpoint
     from gemma_tune.checkpoints.hf_config import read_hf_architecture
+    from gemma_tune.checkpoints.keras_hub import is_keras_hub_preset, load_keras_hub_preset
     from gemma_tune.checkpoints.peft import adapter_base, is_peft_adapter, load_peft_adapter
 
     if is_peft_adapter(path):
@@ -83,14 +71,12 @@ def _load_dir(path: Path, preset: str | None, dtype: str, where: str):
     if is_hf_checkpoint(path):
         arch = _check_preset(read_hf_architecture(path), preset, where)
         return load_hf_checkpoint(path, dtype=dtype, architecture=arch)
-    if _is_keras_hub_preset(path):
-        from gemma_tune.checkpoints.keras_hub import load_keras_hub_preset
-
-        model = load_keras_hub_preset(path, dtype)
+    if is_keras_hub_preset(path):  # also a keras export: model.keras beside the preset files
+        model, _ = load_keras_hub_preset(path, dtype)
         _check_preset(model.architecture, preset, where)
         return model
-    for sub in sorted(p for p in path.iterdir() if p.is_dir()):  # a keras export holds a preset dir
-        if _is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):  # a directory holding one checkpoint
+        if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
             return _load_dir(sub, preset, dtype, where)
     if _is_run_dir(path):
         from gemma_tune.train.checkpoint import latest
@@ -104,8 +90,8 @@ def _load_dir(path: Path, preset: str | None, dtype: str, where: str):
         raise CheckpointError(f"this run directory has no export yet (looked for {', '.join(RUN_EXPORTS)}); "
                               "export it or let the run finish", where=where)
     raise CheckpointError("not a checkpoint: expected config.json + *.safetensors (Hugging Face), "
-                          "adapter_config.json (PEFT), metadata.json (keras-hub preset), or a gemma_tune run "
-                          "directory", where=where)
+                          "adapter_config.json (PEFT), config.json naming a keras-hub class (keras-hub preset or "
+                          "keras export), or a gemma_tune run directory", where=where)
 
 
 def run_recipe(run_dir: Path):
@@ -130,6 +116,7 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None
 
     from gemma_tune.config import recipe_architecture
     from gemma_tune.models import build_model, enable_lora, quantize_base
+    from gemma_tune.train.checkpoint import keyed_variables
 
     recipe = run_recipe(run_dir)
     where = str(checkpoint_dir / "model.safetensors")
@@ -148,13 +135,7 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None
         tensors = load_file(where)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"not a readable checkpoint ({e})", where=where) from e
-    by_path, shared = {}, set()
-    for variable in model.variables:
-        if variable.path in by_path:
-            shared.add(variable.path)
-        by_path[variable.path] = variable
-    # Paths several variables share (the LoRA dropout seed states) cannot be told apart; none holds a weight.
-    weights = {p: v for p, v in by_path.items() if p not in shared}
+    weights = keyed_variables(model.variables)  # the trainer's own keys
     missing = sorted(set(weights) - set(tensors))
     if missing:
         raise CheckpointError(f"the checkpoint does not fit the run's recipe: missing {', '.join(missing[:5])}",

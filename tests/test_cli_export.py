@@ -79,6 +79,13 @@ def test_export_run_as_safetensors_and_peft(run_dir, tmp_path, capsys):
     assert np.abs(transformers_logits(applied) - expected).max() <= TOL
 
 
+def test_export_run_as_keras(run_dir, tmp_path):
+    path, expected = run_dir
+    assert main(["export", str(path), "--format", "keras", "--out", str(tmp_path / "keras")]) == 0
+    assert (tmp_path / "keras" / "model.keras").is_file()
+    assert np.abs(ours(load_model(tmp_path / "keras")) - expected).max() <= TOL
+
+
 def test_export_hf_checkpoint_in_bfloat16(run_dir, tmp_path):
     path, _ = run_dir
     assert main(["export", str(path), "--format", "safetensors", "--out", str(tmp_path / "f32")]) == 0
