@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command (bench/README.md, "GPU run"): Gemma 3 1B (random init, bf16) on the
+# JAX backend, LoRA rank 16 on q,v, AdamW —
+#   1. ours and keras-hub at 4 x 2048 (the anchors' configuration), each in its own process;
+#   2. ours at 1 x 8192.
+# `bench/gpu.sh more` runs instead: full fine-tuning at 4 x 2048 (ours and keras-hub), and keras-hub
+# LoRA with the same dtype policy as ours (mixed_bfloat16: float32 variables, bfloat16 compute).
+# Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
+# Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
+# (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
+# LONG_LENGTH (8192), STEPS (10), WARMUP (3), DTYPE (bfloat16), SYSTEM_TIMEOUT (170 s per system).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gemma_tune_bench}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+PYTHON=${PYTHON:-python3}
+PRESET=${PRESET:-gemma3_1b} BATCH=${BATCH:-4} LENGTH=${LENGTH:-2048} LONG_LENGTH=${LONG_LENGTH:-8192}
+STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16} SYSTEM_TIMEOUT=${SYSTEM_TIMEOUT:-170}
+export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+
+# keras, keras-hub, pydantic, datasets, … travel as wheels in .whl/ where the machine lacks them.
+if ! "$PYTHON" -c "import keras, keras_hub, pydantic, datasets" 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+"$PYTHON" - <<'EOF' || exit 1
+import importlib.metadata as md, jax, keras, keras_hub, gemma_tune.train.loop  # noqa: F401
+print("devices:", jax.devices(), "|", ", ".join(f"{n} {md.version(n)}" for n in
+      ("jax", "keras", "keras-hub", "pydantic", "datasets", "numpy")))
+EOF
+
+bench() {
+    "$PYTHON" bench/sft_bench.py --preset "$PRESET" ${ARCH:-} --dtype "$DTYPE" --steps "$STEPS" \
+        --warmup "$WARMUP" --timeout "$SYSTEM_TIMEOUT" --out "$OUT/gpu.jsonl" "$@"
+}
+status=0
+if [ "${1:-main}" = more ]; then
+    bench --full --batch "$BATCH" --length "$LENGTH" || status=1
+    bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 || status=1
+else
+    bench --batch "$BATCH" --length "$LENGTH" || status=1
+    bench --batch 1 --length "$LONG_LENGTH" --systems ours || status=1
+fi
+exit $status
