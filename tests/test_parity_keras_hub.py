@@ -109,7 +109,7 @@ def test_every_weight_lands_where_keras_hub_keeps_it(preset):
 def test_query_head_dim_normalize_false_means_hidden_over_heads(tmp_path):
     """keras-hub 0.32 ignores query_head_dim_normalize=False (its blocks pass True down); the real scale is
     1/sqrt(hidden/heads) (Gemma 2 27B: 144), which we use. keras-hub's own logits are those of head_dim."""
-    config = dict(GEMMA2, hidden_dim=48, query_head_dim_normalize=False)
+    config = dict(GEMMA2, hidden_dim=48, num_layers=1, query_head_dim_normalize=False)
     backbone = keras_hub.models.GemmaBackbone(**config, dtype="float32")
     _randomise(backbone, seed=7)
     task = _save_preset(backbone, tmp_path)
@@ -142,7 +142,7 @@ def test_architecture_mapping():
 
 @pytest.mark.parametrize("class_name, config, message", [
     ("LlamaBackbone", {}, "unsupported keras-hub backbone 'LlamaBackbone'"),
-    ("Gemma3Backbone", dict(GEMMA3, vision_encoder={"class_name": "Gemma3VisionEncoder"}), "vision encoder"),
+    ("Gemma3Backbone", dict(GEMMA3, is_embedding_model=True), "is_embedding_model=True"),
     ("Gemma3Backbone", dict(GEMMA3, local_rope_scaling_factor=2.0), "local_rope_scaling_factor"),
     ("GemmaBackbone", dict(GEMMA1, layer_norm_epsilon=1e-5), "layer_norm_epsilon=1e-05"),
     ("GemmaBackbone", dict(GEMMA1, intermediate_dim=129), "must be even"),
@@ -154,6 +154,7 @@ def test_configs_we_cannot_reproduce_are_refused(class_name, config, message):
     assert e.value.where == "p/config.json"
 
 
+@pytest.mark.parametrize("preset", ["gemma3"], indirect=True)
 def test_detection(tmp_path, preset):
     _, _, directory = preset
     assert is_keras_hub_preset(directory)
@@ -169,6 +170,7 @@ def test_detection(tmp_path, preset):
     assert e.value.where == str(hf)
 
 
+@pytest.mark.parametrize("preset", ["gemma1"], indirect=True)
 def test_missing_weights_and_unmapped_variables(tmp_path, preset, monkeypatch):
     _, task, _ = preset
     task.save_to_preset(str(tmp_path))
@@ -186,3 +188,41 @@ def test_missing_weights_and_unmapped_variables(tmp_path, preset, monkeypatch):
     with pytest.raises(CheckpointError, match="keras-hub could not load this preset") as e:
         load_keras_hub_preset(tmp_path)
     assert e.value.where == str(tmp_path)
+
+
+def test_multimodal_gemma3_preset_loads_its_text_decoder(tmp_path):
+    encoder = keras_hub.models.Gemma3VisionEncoder(image_size=28, patch_size=14, num_heads=2, hidden_dim=8,
+                                                   num_layers=1, intermediate_dim=16, output_dim=32, pool_size=2)
+    backbone = keras_hub.models.Gemma3Backbone(**dict(GEMMA3, image_size=28, num_layers=1), vision_encoder=encoder,
+                                               dtype="float32")
+    _randomise(backbone, seed=3)
+    backbone.save_to_preset(str(tmp_path))
+    model, tokenizer = load_keras_hub_preset(tmp_path)
+    assert tokenizer is None and model.architecture.vision is None and model.architecture.num_layers == 1
+    vision = {v.path for v in encoder.weights}
+    theirs = {v.path: keras.ops.convert_to_numpy(v) for v in backbone.weights if v.path not in vision}
+    assert vision and {p for _, p, _ in kh.tensors(model.architecture)} == set(theirs)
+    for ours, their_path, layout in kh.tensors(model.architecture):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(get_variable(model, ours)),
+                                      kh.to_ours(theirs[their_path], layout))
+
+
+def test_every_text_preset_maps_to_keras_hub_and_back():
+    """configs/models: each Gemma text decoder is a keras-hub config that maps back to the same model
+    (the query scale folded where query_pre_attn_scalar != head_dim); PaliGemma decoders are refused."""
+    from gemma_tune.config.presets import preset_architecture, preset_names
+
+    checked = 0
+    for name in preset_names():
+        arch = preset_architecture(name)
+        if name.startswith("paligemma"):
+            with pytest.raises(CheckpointError, match="PaliGemma"):
+                kh.keras_hub_backbone_config(arch)
+            continue
+        class_name, config, fold = kh.keras_hub_backbone_config(arch)
+        back = architecture_from_keras_hub(class_name, config)
+        ignore = {"query_pre_attn_scalar", "max_position_embeddings", "vision"}
+        assert back.model_dump(exclude=ignore) == arch.model_dump(exclude=ignore), name
+        assert back.query_scale * fold == pytest.approx(arch.query_scale, rel=1e-12), name
+        checked += 1
+    assert checked >= 10

@@ -12,7 +12,8 @@ Configuration (keras-hub 0.32 constructor arguments -> `Architecture`):
     Gemma3Backbone   family "gemma3"; intermediate_size = intermediate_dim; sliding layers i % 6 < 5;
                      RoPE θ = 10 000 on sliding layers, 1 000 000 (scaled by global_rope_scaling_factor) on
                      global ones; max_position_embeddings = 32 768 · global_rope_scaling_factor (1B: 32k,
-                     4B and larger: 128k).
+                     4B and larger: 128k). A vision encoder is left aside (import reads the text decoder,
+                     export writes text presets: our model holds no vision tower).
     query scale      query_head_dim_normalize=True -> 1/√head_dim; False -> 1/√(hidden_dim / num_heads), the
                      models' real scale (Gemma 2 27B: 144, Gemma 3 27B: 168). keras-hub 0.32 itself always
                      computes 1/√head_dim (its decoder blocks pass `query_head_dim_normalize=True` down), so
@@ -160,8 +161,9 @@ def is_keras_hub_preset(path) -> bool:
 def architecture_from_keras_hub(class_name: str, config: dict, where: str = CONFIG_FILE) -> Architecture:
     """The `Architecture` of a keras-hub GemmaBackbone / Gemma3Backbone constructor config.
 
+    A Gemma 3 vision encoder is left aside: the architecture is the text decoder's (`vision` None).
     CheckpointError for another backbone or a configuration our decoder does not reproduce exactly
-    (vision encoder, embedding model, bidirectional attention, local RoPE scaling, ε ≠ 1e-6).
+    (embedding model, bidirectional attention, local RoPE scaling, ε ≠ 1e-6).
     """
     if class_name not in (GEMMA_BACKBONE, GEMMA3_BACKBONE):
         raise CheckpointError(f"unsupported keras-hub backbone {class_name!r}; expected {GEMMA_BACKBONE} "
@@ -204,8 +206,6 @@ def _architecture(class_name: str, c: dict, where: str) -> Architecture:
             rope_theta=GEMMA_ROPE_THETA, sliding_window_pattern=GEMMA_SLIDING_PATTERN if sliding else None,
             max_position_embeddings=GEMMA_MAX_POSITIONS, **common)
     refused = [name for name, bad in (
-        ("a vision encoder (only text Gemma 3 presets load; e.g. gemma3_instruct_4b_text)",
-         c.get("vision_encoder") is not None),
         ("is_embedding_model=True", bool(c.get("is_embedding_model", False))),
         ("use_bidirectional_attention=True", bool(c.get("use_bidirectional_attention", False))),
         ("local_rope_scaling_factor≠1", float(c.get("local_rope_scaling_factor", 1.0)) != 1.0),
@@ -228,10 +228,10 @@ def keras_hub_backbone_config(arch: Architecture) -> tuple[str, dict, float]:
     The fold factor √(head_dim / query_pre_attn_scalar) multiplies the queries (see the module docstring).
     CheckpointError naming every feature keras-hub cannot express.
     """
-    if arch.vision is not None:
-        raise CheckpointError("a model with a vision tower cannot be written as a keras-hub text preset",
-                              where=f"architecture family {arch.family}")
     gemma3 = arch.family == "gemma3"
+    if arch.vision is not None and not gemma3:
+        raise CheckpointError("a PaliGemma decoder is not a keras-hub GemmaBackbone (keras-hub has "
+                              "PaliGemmaCausalLM for it)", where=f"architecture family {arch.family}")
     pattern = GEMMA3_SLIDING_PATTERN if gemma3 else GEMMA_SLIDING_PATTERN
     sliding = arch.sliding_window is not None
     any_local = any(arch.is_sliding(i) for i in range(arch.num_layers))
@@ -283,7 +283,8 @@ def load_keras_hub_preset(path, dtype: str = "float32"):
     """(GemmaCausalLM, GemmaTokenizer or None) from a local keras-hub preset directory.
 
     `dtype` is our model's Keras dtype policy; the keras-hub backbone is read with its variable dtype.
-    The tokenizer is `assets/tokenizer/vocabulary.spm` when the preset has one.
+    The tokenizer is `assets/tokenizer/vocabulary.spm` when the preset has one. A multimodal Gemma 3
+    preset loads its text decoder; the vision encoder's variables are the only ones left unused.
     """
     import keras
     import keras_hub
@@ -305,7 +306,9 @@ def load_keras_hub_preset(path, dtype: str = "float32"):
     except Exception as e:  # missing/corrupt weight files surface as many exception types
         raise CheckpointError(f"keras-hub could not load this preset ({type(e).__name__}: {e})",
                               where=where) from e
-    theirs = {v.path: v for v in backbone.weights}
+    encoder = getattr(backbone, "vision_encoder", None)
+    vision = {v.path for v in encoder.weights} if encoder is not None else set()
+    theirs = {v.path: v for v in backbone.weights if v.path not in vision}
     model = build_model(arch, dtype=dtype)
     used = set()
     for ours_path, their_path, layout in tensors(arch):
@@ -381,7 +384,8 @@ def _keras_hub_tokenizer(class_name: str, tokenizer):
 
 
 def write_keras_hub_preset(model, tokenizer, out_dir, merge_lora: bool = True, dtype: str | None = None) -> Path:
-    """Write `model` and `tokenizer` into `out_dir` as a keras-hub CausalLM preset.
+    """Write `model` and `tokenizer` into `out_dir` as a keras-hub CausalLM preset (a text decoder: our
+    model holds no vision tower, so Gemma 3 4B+ give a text preset like keras-hub's `*_text` ones).
 
     `keras_hub.models.GemmaCausalLM.from_preset(out_dir)` (Gemma 1/2) or `Gemma3CausalLM.from_preset`
     (Gemma 3) then gives our logits. LoRA is merged exactly in float32, then cast to `dtype` (None: the
