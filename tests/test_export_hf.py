@@ -16,6 +16,7 @@ from gemma_tune import load_model
 from gemma_tune.checkpoints import hf as hf_module
 from gemma_tune.checkpoints import hf_names
 from gemma_tune.checkpoints.hf_names import name_map
+from gemma_tune.checkpoints.peft import load_peft_adapter
 from gemma_tune.config.presets import preset_architecture
 from gemma_tune.data.render import chat_pieces
 from gemma_tune.errors import CheckpointError, UserError
@@ -266,3 +267,37 @@ def test_bad_format_and_dtype(tokenizer, tmp_path):
     with pytest.raises(UserError, match="unknown export dtype 'int8'"):
         export_model(model, tokenizer, tmp_path / "b", "safetensors", dtype="int8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_written_by_peft_loads_onto_our_model(tokenizer, tmp_path):
+    import peft
+
+    base_dir = export_model(random_model("gemma2"), tokenizer, tmp_path / "base", "safetensors")
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "up_proj"], use_rslora=True,
+                             task_type="CAUSAL_LM")
+    applied = peft.get_peft_model(hf_model(base_dir), config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in applied.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.2)
+    applied.save_pretrained(tmp_path / "adapter")
+    loaded = load_model(tmp_path / "adapter")  # its base_model_name_or_path is base_dir
+    assert len(list(lora_projections(loaded))) == 3 * 4
+    assert np.abs(ours(loaded) - transformers_logits(applied)).max() <= TOL
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"use_dora": True}, "use_dora"),
+    ({"target_modules": "all-linear"}, "expected a list"),
+    ({"target_modules": ["lm_head"]}, "not Gemma projections"),
+    ({"peft_type": "IA3"}, "only LORA"),
+    ({"bias": "all"}, "bias"),
+])
+def test_adapters_we_cannot_apply_are_refused(tokenizer, tmp_path, change, expected):
+    model = add_lora(random_model("gemma"))
+    adapter = export_model(model, tokenizer, tmp_path / "adapter", "peft")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=expected):
+        load_peft_adapter(random_model("gemma"), adapter)
