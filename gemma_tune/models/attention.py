@@ -107,8 +107,24 @@ def attend(query, key, value, mask, *, scale: float, softcap: float | None, impl
                                      and cudnn_attention_available(query.dtype)):
         if not self_attention:
             raise ValueError("the cudnn attention path needs self-attention over one frame (no cache)")
-        return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
+        if implementation == "cudnn":
+            return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
+        try:  # "auto": cuDNN checks shapes, head size and its version while tracing
+            return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            _warn_once(f"cuDNN attention unavailable here ({e}); using keras.ops.dot_product_attention")
     return fused_attention(query, key, value, mask, scale=scale)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import logging
+
+        logging.getLogger("gemma_tune").warning(message)
 
 
 class GemmaAttention(keras.layers.Layer):
