@@ -10,6 +10,7 @@ statistics summed over its micro-batches: `loss` (Σ nll / N of the step), `corr
   MetricsLogger   the progress bar and metrics.jsonl / metrics.csv / TensorBoard rows every log_every
   Evaluator       eval loss, perplexity, token accuracy every eval_every; sample generations
   Checkpointer    checkpoints every save_every, at the end, and when SIGTERM/SIGINT asks to stop
+  RestoreRNG      a resumed run's global random generators, set at its first step
 """
 
 from __future__ import annotations
@@ -302,3 +303,18 @@ class Checkpointer(StepCallback):
         if self.stop.signal is not None and step != self.total_steps:
             self.stopped_at = step
             trainer.stop_training = True
+
+
+class RestoreRNG(keras.callbacks.Callback):
+    """Sets the global RNG states saved with a checkpoint at the first batch: after Keras' set-up of
+    `fit` and its data iterator (torch's DataLoader draws a seed from the global generator), so the
+    resumed steps draw what the uninterrupted run drew."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self.state = state
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.state is not None:
+            checkpoint.set_global_rng_state(self.state)
+            self.state = None

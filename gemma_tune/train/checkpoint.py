@@ -7,14 +7,16 @@ A checkpoint directory holds
                           docs/CONTRACTS.md), bfloat16 variables stored as float32
   optimizer.safetensors   every optimiser variable (iterations, moments, gradient accumulators), the same way
   state.json              step, the data position (the next micro-batch index of
-                          `Split.batches(batch_size, seed)`), run totals, and NumPy's and Python's
-                          global RNG states
+                          `Split.batches(batch_size, seed)`), run totals, and the global RNG states
+                          of NumPy, Python and torch (on torch, Keras' unseeded dropout draws from
+                          torch's global generator), the last as base64 bytes
 No pickle anywhere. A checkpoint is written into `checkpoints/.tmp-step_N-<pid>` and renamed to
 `step_N` only when complete, so a `step_N` directory is always whole.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -22,6 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -77,11 +80,7 @@ def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
     save_file({key: _numpy(v) for key, v in keyed_variables(lm.variables).items()}, str(tmp / "model.safetensors"))
     save_file({key: _numpy(v) for key, v in keyed_variables(optimizer.variables).items()},
               str(tmp / "optimizer.safetensors"))
-    numpy_state = np.random.get_state()
-    full_state = dict(state, step=step, rng={
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        "python": _jsonable(random.getstate()),
-    })
+    full_state = dict(state, step=step, rng=global_rng_state())
     (tmp / "state.json").write_text(json.dumps(full_state, indent=1), encoding="utf-8")
     if final.exists():  # a stale checkpoint of the same step (e.g. from before a resume): replace it
         stale = root / f".stale-step_{step}-{os.getpid()}"
@@ -112,8 +111,10 @@ def _restore(variables: dict, tensors: dict, where: str, hint: str) -> None:
 
 
 def load(path: Path, lm, optimizer) -> dict:
-    """Restore the model's and optimiser's variables and the global RNG states from checkpoint `path`;
-    return its state.json. A checkpoint that does not fit the run is a CheckpointError."""
+    """Restore the model's and optimiser's variables from checkpoint `path` and return its state.json.
+    Its `rng` entry is for `set_global_rng_state`, to apply just before the first step (Keras' own
+    set-up of `fit` draws from the global generators). A checkpoint that does not fit the run is a
+    CheckpointError."""
     from safetensors.numpy import load_file
 
     path = Path(path)
@@ -124,14 +125,37 @@ def load(path: Path, lm, optimizer) -> dict:
              str(path / "model.safetensors"), "another model, lora or quantize setting?")
     _restore(keyed_variables(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
              "another optimizer, or other trainable weights?")
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    rng = state.get("rng", {})
-    if "numpy" in rng:
-        kind, keys, *rest = rng["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    if "python" in rng:
-        random.setstate(_tuples(rng["python"]))
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def global_rng_state() -> dict:
+    """NumPy's, Python's and (on torch) torch's global random generator states, as JSON values."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"numpy": [kind, keys.tolist(), *rest], "python": _jsonable(random.getstate())}
+    if keras.backend.backend() == "torch":
+        import torch
+
+        state["torch"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        if torch.cuda.is_available():
+            state["torch_cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    if "numpy" in state:
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    if "python" in state:
+        random.setstate(_tuples(state["python"]))
+    if "torch" in state and keras.backend.backend() == "torch":
+        import torch
+
+        def tensor(text):
+            return torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy())
+
+        torch.set_rng_state(tensor(state["torch"]))
+        if "torch_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensor(t) for t in state["torch_cuda"]])
 
 
 def _jsonable(value):

@@ -74,7 +74,7 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
     from gemma_tune.train import checkpoint, measure
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
-                                            StopRequest, Throughput)
+                                            RestoreRNG, StopRequest, Throughput)
     from gemma_tune.train.data import for_fit, train_batches
     from gemma_tune.train.logs import MetricsSink
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
@@ -93,11 +93,11 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
     trainer.built = True  # the wrapped model is built; nothing of its own to build
     optimizer.build(trainer.trainable_variables)
 
-    done, totals = 0, {"tokens": 0.0, "trained_tokens": 0.0, "seconds": 0.0}
+    done, totals, rng = 0, {"tokens": 0.0, "trained_tokens": 0.0, "seconds": 0.0}, None
     if resume_from is not None:
         state = checkpoint.load(resume_from, lm, optimizer)
         _check_resumable(state, recipe, resume_from)
-        done, totals = state["step"], state.get("totals", totals)
+        done, totals, rng = state["step"], state.get("totals", totals), state.get("rng")
         log.info("resuming from %s (step %d of %d)", resume_from, done, steps)
     sink = MetricsSink(run_dir)
     if done:
@@ -124,7 +124,8 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
                            "seconds": totals["seconds"] + now["seconds"]}}
 
     checkpointer = Checkpointer(run_dir, t.save_every, steps, lm, state_for, stop, **kw)
-    own = [NonFiniteGuard(run_dir, **kw), throughput,
+    own = [RestoreRNG(rng)] if rng else []
+    own += [NonFiniteGuard(run_dir, **kw), throughput,
            MetricsLogger(sink, schedule, steps, t.log_every, throughput, **kw),
            Evaluator(data.eval, t.batch_size, sink, t.eval_every, steps, lm=lm, tokenizer=tokenizer,
                      prompts=t.sample_prompts, run_dir=run_dir, **kw),
