@@ -1,6 +1,9 @@
 """Parity with keras-hub: tiny random GemmaBackbone (Gemma 1, Gemma 2) and Gemma3Backbone (text) presets,
-saved by keras-hub with the bundled SentencePiece vocabulary, load into our model with the same logits
-(float32, max abs diff <= 1e-4 on real tokens of padded batches, sequences longer than the window)."""
+saved by keras-hub with the bundled SentencePiece vocabulary, load through `load_model` with the same logits
+(float32, max abs diff <= 1e-4 on real tokens of padded batches, sequences longer than the window).
+
+keras-hub's Gemma 2 backbone agrees with ours (and transformers) except where it ignores
+query_head_dim_normalize=False; that case is asserted as a disagreement below."""
 
 import json
 
@@ -12,6 +15,7 @@ import pytest
 from gemma_tune.checkpoints import keras_hub as kh
 from gemma_tune.checkpoints.keras_hub import architecture_from_keras_hub, is_keras_hub_preset, load_keras_hub_preset
 from gemma_tune.errors import CheckpointError
+from gemma_tune.loading import load_model_and_tokenizer
 from gemma_tune.models import build_model, get_variable
 from gemma_tune.tokenizer import GemmaTokenizer
 
@@ -83,7 +87,7 @@ def preset(request, tmp_path_factory):
 
 def test_same_logits_as_keras_hub(preset):
     name, task, directory = preset
-    model, tokenizer = load_keras_hub_preset(directory)
+    model, tokenizer = load_model_and_tokenizer(directory)  # dispatches to load_keras_hub_preset
     assert model.architecture.family == {"gemma1": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}[name]
     batch = _batch(seed=1)
     reference = _logits(task, batch)
@@ -226,3 +230,15 @@ def test_every_text_preset_maps_to_keras_hub_and_back():
         assert back.query_scale * fold == pytest.approx(arch.query_scale, rel=1e-12), name
         checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("preset", ["gemma3"], indirect=True)
+def test_bfloat16_load(preset):
+    _, task, directory = preset
+    model, _ = load_keras_hub_preset(directory, dtype="bfloat16")
+    assert model.dtype_policy.name == "bfloat16"
+    embedding = model.token_embedding.embeddings
+    assert keras.backend.standardize_dtype(embedding.dtype) == "bfloat16"
+    expected = keras.ops.cast(keras.ops.cast(task.backbone.token_embedding.embeddings, "bfloat16"), "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(embedding, "float32")),
+                                  keras.ops.convert_to_numpy(expected))

@@ -319,7 +319,7 @@ def load_keras_hub_preset(path, dtype: str = "float32"):
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"{their_path} has shape {tuple(value.shape)} in our layout; {ours_path} "
                                   f"expects {tuple(target.shape)}", where=where)
-        target.assign(value.astype(keras.backend.standardize_dtype(target.dtype)))
+        target.assign(keras.ops.cast(value, target.dtype))
         used.add(their_path)
     unused = sorted(set(theirs) - used)
     if unused:
@@ -333,15 +333,15 @@ def load_keras_hub_preset(path, dtype: str = "float32"):
 # --------------------------------------------------------------------------------------------- export
 
 
-def _our_arrays(model, merge_lora: bool) -> dict[str, np.ndarray]:
-    """Every weight of `model` as float32 NumPy in our layout: projections via `float_kernel`
-    (dequantised, LoRA merged when `merge_lora`)."""
+def _our_arrays(model) -> dict[str, np.ndarray]:
+    """Every weight of `model` as float32 NumPy in our layout; projections dequantised and LoRA-merged
+    (`float_kernel`)."""
     import keras
 
     from gemma_tune.models import get_variable, projections
     from gemma_tune.models.adapters import float_kernel
 
-    kernels = {f"{path}.kernel": float_kernel(layer, merge_lora=merge_lora) for path, layer in projections(model)}
+    kernels = {f"{path}.kernel": float_kernel(layer, merge_lora=True) for path, layer in projections(model)}
     arrays = {}
     for ours_path, _, _ in tensors(model.architecture):
         if ours_path in kernels:
@@ -366,6 +366,7 @@ def _fold_query_scale(arrays: dict[str, np.ndarray], arch: Architecture, fold: f
 
 
 def has_lora(model) -> bool:
+    """Whether any projection of `model` has LoRA enabled."""
     from gemma_tune.models import lora_projections
 
     return any(True for _ in lora_projections(model))
@@ -405,7 +406,7 @@ def write_keras_hub_preset(model, tokenizer, out_dir, merge_lora: bool = True, d
                               f"{arch.vocab_size} embeddings", where=str(tokenizer.model_path))
     class_name, config, fold = keras_hub_backbone_config(arch)
     dtype = dtype or model.dtype_policy.variable_dtype
-    arrays = _our_arrays(model, merge_lora=True)
+    arrays = _our_arrays(model)
     _fold_query_scale(arrays, arch, fold)
     try:
         kh_tokenizer = _keras_hub_tokenizer(class_name, tokenizer)
