@@ -16,8 +16,8 @@ import pytest
 import gemma_tune
 from gemma_tune.errors import CheckpointError
 
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_kv_heads": 1,
-        "head_dim": 16, "query_pre_attn_scalar": 16}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
+        "head_dim": 8, "query_pre_attn_scalar": 8}
 
 if keras.backend.backend() == "jax":  # identical programs compile once per test session
     import jax
