@@ -13,6 +13,7 @@ from gemma_tune.checkpoints.keras_hub import load_keras_hub_preset, write_keras_
 from gemma_tune.errors import CheckpointError, UserError
 from gemma_tune.export import export_model
 from gemma_tune.export.keras import MODEL_FILE, TOKENIZER_FILE, write_keras_export
+from gemma_tune.generate import generate
 from gemma_tune.models import (Architecture, build_model, enable_lora, float_kernel, lora_projections, merge_lora,
                                projections, quantize_base)
 from gemma_tune.tokenizer import load_tokenizer
@@ -97,8 +98,9 @@ def test_lora_merged_export_loads_in_keras_and_keras_hub(family, tokenizer, tmp_
     assert _real_diff(_logits(task, batch), with_adapters, batch) <= TOLERANCE
 
 
-def test_tokenizer_round_trip(tokenizer, tmp_path):
-    write_keras_export(_model("gemma3", lora=False), tokenizer, tmp_path)
+def test_tokenizer_and_greedy_generation_round_trip(tokenizer, tmp_path):
+    model = _model("gemma3", lora=False)
+    write_keras_export(model, tokenizer, tmp_path)
     assert (tmp_path / TOKENIZER_FILE).read_bytes() == Path(TOKENIZER).read_bytes()
     assert (tmp_path / "assets/tokenizer/vocabulary.spm").read_bytes() == Path(TOKENIZER).read_bytes()
     theirs = keras_hub.models.Gemma3Tokenizer.from_preset(str(tmp_path))
@@ -108,6 +110,12 @@ def test_tokenizer_round_trip(tokenizer, tmp_path):
     assert np.asarray(theirs(text)).tolist() == ids
     assert theirs.detokenize(np.asarray(ids)) == tokenizer.decode(ids)
     assert load_tokenizer(tmp_path).encode(text) == ids
+
+    prompt, total = "the sky is", 12  # keras-hub's max_length counts <bos> and the prompt
+    task = keras_hub.models.Gemma3CausalLM.from_preset(str(tmp_path))
+    new_tokens = total - 1 - len(tokenizer.encode(prompt))
+    ours = generate(model, tokenizer, [prompt], max_new_tokens=new_tokens, chat=False)[0]
+    assert task.generate([prompt], max_length=total)[0] == prompt + ours
 
 
 def test_our_loader_reads_the_preset_back(tokenizer, tmp_path):
