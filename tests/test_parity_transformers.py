@@ -61,6 +61,12 @@ def checkpoint(request, checkpoints):
     return (request.param, *checkpoints[request.param])
 
 
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    """{family: load_model(its checkpoint)}, loaded once for the tests that only run the model."""
+    return {family: load_model(path) for family, (_, path) in checkpoints.items()}
+
+
 def reference_logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -82,9 +88,9 @@ def test_checkpoint_layout_is_what_transformers_writes(checkpoint):
     assert (path / "model.safetensors").is_file()
 
 
-def test_logits_match_transformers(checkpoint):
-    family, reference, path = checkpoint
-    ours = load_model(path)
+def test_logits_match_transformers(checkpoint, loaded):
+    family, reference, _ = checkpoint
+    ours = loaded[family]
     assert ours.architecture.family == family
     ids = random_ids()
     mask = np.ones_like(ids)
@@ -94,9 +100,9 @@ def test_logits_match_transformers(checkpoint):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_matches_transformers(checkpoint, side):
-    _, reference, path = checkpoint
-    ours = load_model(path)
+def test_padded_batch_matches_transformers(checkpoint, loaded, side):
+    family, reference, _ = checkpoint
+    ours = loaded[family]
     ids = random_ids(seed=1)
     lengths = [LENGTH, 13, 5]
     mask = np.zeros_like(ids)
@@ -204,12 +210,12 @@ def transformers_greedy(model, prompt, new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-def test_greedy_generation_matches_transformers(checkpoint):
+def test_greedy_generation_matches_transformers(checkpoint, loaded):
     """Batched prompts of different lengths (left-padded in ours), decoding past the sliding window."""
     from gemma_tune.generate import generate_ids
 
-    _, reference, path = checkpoint
+    family, reference, _ = checkpoint
     prompts = [random_ids(1, 7, seed=4)[0].tolist(), random_ids(1, 3, seed=5)[0].tolist()]
     new_tokens = WINDOW + 4  # 7 + 12 tokens: past the window
-    ours = generate_ids(load_model(path), prompts, max_new_tokens=new_tokens, temperature=0.0, stop_ids=())
+    ours = generate_ids(loaded[family], prompts, max_new_tokens=new_tokens, temperature=0.0, stop_ids=())
     assert ours == [transformers_greedy(reference, p, new_tokens) for p in prompts]
