@@ -2,7 +2,8 @@
 
 `source` is resolved to a local directory (`hf://`, `kaggle://` are downloaded), then dispatched on what
 the directory holds:
-  * a Hugging Face checkpoint — config.json with a Gemma `model_type` (`gemma_tune.checkpoints.hf`);
+  * a Hugging Face checkpoint — config.json with a `model_type`, read if it is a Gemma one
+    (`gemma_tune.checkpoints.hf`);
   * a PEFT adapter — adapter_config.json: its base model (`base_model_name_or_path`) is loaded the same
     way, then the adapter applied (`gemma_tune.checkpoints.peft`);
   * a keras-hub preset — config.json naming a keras-hub class (`gemma_tune.checkpoints.keras_hub`);

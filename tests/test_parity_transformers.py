@@ -219,3 +219,9 @@ def test_greedy_generation_matches_transformers(checkpoint, loaded):
     new_tokens = WINDOW + 4  # 7 + 12 tokens: past the window
     ours = generate_ids(loaded[family], prompts, max_new_tokens=new_tokens, temperature=0.0, stop_ids=())
     assert ours == [transformers_greedy(reference, p, new_tokens) for p in prompts]
+
+
+def test_other_model_types_are_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="model_type 'llama' is not a Gemma decoder"):
+        load_model(tmp_path)

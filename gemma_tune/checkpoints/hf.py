@@ -36,15 +36,16 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 
 
 def is_hf_checkpoint(path: Path) -> bool:
-    """Whether `path` holds a Gemma config.json (model_type gemma*) next to safetensors weights."""
+    """Whether `path` holds a Hugging Face config.json (one with a `model_type`; which types are read is
+    `hf_config`'s business, so another model type gets its error there)."""
     config = path / "config.json"
     if not config.is_file():
         return False
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return False
-    return str(model_type).startswith("gemma")
+    return isinstance(data, dict) and "model_type" in data and "class_name" not in data
 
 
 def tensor_files(checkpoint_dir: Path) -> dict[str, Path]:

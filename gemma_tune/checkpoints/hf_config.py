@@ -54,11 +54,6 @@ DEFAULTS = {
 FAMILY = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
-def is_gemma_config(config: dict) -> bool:
-    """Whether a parsed config.json describes a Gemma decoder this module reads."""
-    return config.get("model_type") in MODEL_TYPES
-
-
 def read_config_file(path: str | Path) -> dict:
     """The parsed JSON object of `path`; CheckpointError when missing or not a JSON object."""
     path = Path(path)

@@ -18,10 +18,6 @@ HF_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.
                "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
 
 
-def is_remote(source: str | Path) -> bool:
-    return str(source).startswith((HF_SCHEME, KAGGLE_SCHEME))
-
-
 def parse_hf(source: str) -> tuple[str, str | None]:
     """(repo_id, revision or None) of `hf://ORG/NAME[@REVISION]`."""
     body = source[len(HF_SCHEME):]
