@@ -225,3 +225,16 @@ def test_other_model_types_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(CheckpointError, match="model_type 'llama' is not a Gemma decoder"):
         load_model(tmp_path)
+
+
+def test_load_in_bfloat16(checkpoints):
+    reference, path = checkpoints["gemma3"]
+    model = load_model(path, dtype="bfloat16")
+    embedding = model.token_embedding.embeddings
+    assert "bfloat16" in str(embedding.dtype)
+    expected = reference.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
+    assert np.array_equal(keras.ops.convert_to_numpy(keras.ops.cast(embedding, "float32")), expected)
+    ids = random_ids()
+    mask = np.ones_like(ids)
+    diff = np.abs(our_logits(model, ids, mask) - reference_logits(reference, ids, mask)).max()
+    assert diff < 0.05 * np.abs(reference_logits(reference, ids, mask)).max()  # bfloat16 rounding only
