@@ -149,10 +149,13 @@ def test_bfloat16_export(tokenizer, tmp_path):
     rounded = keras.ops.convert_to_numpy(
         keras.ops.cast(keras.ops.cast(model.token_embedding.embeddings, "bfloat16"), "float32"))
     loaded = keras.saving.load_model(tmp_path / MODEL_FILE, safe_mode=True)
-    assert keras.backend.standardize_dtype(loaded.token_embedding.embeddings.dtype) == "bfloat16"
     assert json.loads((tmp_path / "config.json").read_text())["config"]["dtype"]["config"]["name"] == "bfloat16"
     backbone = keras_hub.models.GemmaBackbone.from_preset(str(tmp_path), dtype="bfloat16")
-    for exported in (loaded.token_embedding.embeddings, backbone.token_embedding.embeddings):
+    read_back, _ = load_keras_hub_preset(tmp_path, dtype="bfloat16")
+    assert read_back.dtype_policy.name == "bfloat16"
+    for exported in (loaded.token_embedding.embeddings, backbone.token_embedding.embeddings,
+                     read_back.token_embedding.embeddings):
+        assert keras.backend.standardize_dtype(exported.dtype) == "bfloat16"
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(exported, "float32")), rounded)
 
 

@@ -231,14 +231,3 @@ def test_every_text_preset_maps_to_keras_hub_and_back():
         checked += 1
     assert checked >= 10
 
-
-@pytest.mark.parametrize("preset", ["gemma3"], indirect=True)
-def test_bfloat16_load(preset):
-    _, task, directory = preset
-    model, _ = load_keras_hub_preset(directory, dtype="bfloat16")
-    assert model.dtype_policy.name == "bfloat16"
-    embedding = model.token_embedding.embeddings
-    assert keras.backend.standardize_dtype(embedding.dtype) == "bfloat16"
-    expected = keras.ops.cast(keras.ops.cast(task.backbone.token_embedding.embeddings, "bfloat16"), "float32")
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(embedding, "float32")),
-                                  keras.ops.convert_to_numpy(expected))
