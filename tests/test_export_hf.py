@@ -52,8 +52,8 @@ def random_model(family: str, seed: int = 0):
     return model
 
 
-def add_lora(model, seed: int = 1, targets=("q", "k", "v", "o", "gate", "up", "down")):
-    enable_lora(model, rank=4, alpha=8.0, targets=targets)
+def add_lora(model, seed: int = 1, targets=("q", "k", "v", "o", "gate", "up", "down"), dropout=0.0):
+    enable_lora(model, rank=4, alpha=8.0, targets=targets, dropout=dropout)
     rng = np.random.RandomState(seed)
     for _, layer in lora_projections(model):  # B is zeros at init: make the update real
         for v in (layer.lora_kernel_a, layer.lora_kernel_b):
@@ -101,10 +101,11 @@ def test_peft_adapter_applied_by_peft_gives_our_logits(tokenizer, tmp_path):
     model = random_model("gemma3")
     base_dir = export_model(model, tokenizer, tmp_path / "base", "safetensors")
     model.checkpoint_source = str(base_dir)  # as load_model records it
-    add_lora(model, targets=("q", "v", "down"))
+    add_lora(model, targets=("q", "v", "down"), dropout=0.05)
     adapter = export_model(model, tokenizer, tmp_path / "adapter", "peft")
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["task_type"]) == (4, 8.0, "CAUSAL_LM")
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["task_type"]) == (4, 8.0, 0.05,
+                                                                                               "CAUSAL_LM")
     assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     assert config["base_model_name_or_path"] == str(base_dir.absolute())
     with safe_open(adapter / "adapter_model.safetensors", "np") as f:
