@@ -81,7 +81,7 @@ def _read(file: Path, name: str) -> np.ndarray:
 
 
 class _Reader:
-    """Tensors of one checkpoint by their HF name without prefix; tracks which were used."""
+    """The tensors of one checkpoint by HF name without prefix (plus the names that have none, and lm_head)."""
 
     def __init__(self, checkpoint_dir: Path, multimodal: bool):
         self.files: dict[str, tuple[str, Path]] = {}
@@ -114,29 +114,33 @@ def _assign(variable, value: np.ndarray, transpose: bool, name: str, file: Path)
     variable.assign(ops.cast(value.T if transpose else value, variable.dtype))
 
 
+def _listed(names: list[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def assign_hf_tensors(model, checkpoint_dir: Path, multimodal: bool = False) -> None:
-    """Assign every tensor of `checkpoint_dir` to `model` (shapes checked, nothing missing or left over)."""
+    """Assign every tensor of `checkpoint_dir` to `model` (nothing missing or left over, checked before
+    any tensor is read; shapes checked one by one)."""
     from gemma_tune.models import get_variable
 
     reader = _Reader(checkpoint_dir, multimodal)
-    missing = []
+    tensors = hf_names.name_map(model.architecture)
+    wanted = {tensor.hf for tensor in tensors}
+    missing = [hf_names.EXPORT_PREFIX + t.hf for t in tensors if t.hf not in reader.files]
+    if missing:
+        raise CheckpointError(f"missing tensors for this architecture: {_listed(missing)}", where=str(checkpoint_dir))
+    extra = reader.unexpected + [name for short, (name, _) in reader.files.items() if short not in wanted]
+    if extra:
+        arch = model.architecture
+        raise CheckpointError(f"unexpected tensors, not part of a {arch.family} decoder with {arch.num_layers} "
+                              f"layers: {_listed(extra)}", where=str(checkpoint_dir))
     embedding = None
-    for tensor in hf_names.name_map(model.architecture):
-        if tensor.hf not in reader.files:
-            missing.append(hf_names.EXPORT_PREFIX + tensor.hf)
-            continue
+    for tensor in tensors:
         name, file, value = reader.get(tensor.hf)
         _assign(get_variable(model, tensor.ours), value, tensor.transpose, name, file)
         if tensor.hf == hf_names.EMBEDDING_HF:
             embedding = value
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"missing tensors for this architecture: {shown}", where=str(checkpoint_dir))
-    extra = reader.unexpected + [name for name, _ in reader.files.values()]
-    if extra:
-        shown = ", ".join(sorted(extra)[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise CheckpointError(f"unexpected tensors, not part of a {model.architecture.family} decoder with "
-                              f"{model.architecture.num_layers} layers: {shown}", where=str(checkpoint_dir))
     if reader.lm_head is not None:
         name, file = reader.lm_head
         if not np.array_equal(np.asarray(_read(file, name), np.float32), np.asarray(embedding, np.float32)):
