@@ -8,7 +8,8 @@
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
-# LONG_LENGTH (8192), STEPS (10), WARMUP (3), DTYPE (bfloat16), SYSTEM_TIMEOUT (170 s per system).
+# LONG_LENGTH (8192), STEPS (10), WARMUP (3), DTYPE (bfloat16), SYSTEM_TIMEOUT (190 s per system and
+# run), LONG_TIMEOUT (140 s, the 1 x 8192 run): 2 x 190 + 140 s at most, inside a 600 s device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gemma_tune_bench}
@@ -16,7 +17,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gemma3_1b} BATCH=${BATCH:-4} LENGTH=${LENGTH:-2048} LONG_LENGTH=${LONG_LENGTH:-8192}
-STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16} SYSTEM_TIMEOUT=${SYSTEM_TIMEOUT:-170}
+STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16}
+SYSTEM_TIMEOUT=${SYSTEM_TIMEOUT:-190} LONG_TIMEOUT=${LONG_TIMEOUT:-140}
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 
 # keras, keras-hub, pydantic, datasets, … travel as wheels in .whl/ where the machine lacks them.
@@ -28,21 +30,23 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 "$PYTHON" - <<'EOF' || exit 1
-import importlib.metadata as md, jax, keras, keras_hub, gemma_tune.train.loop  # noqa: F401
+import importlib.metadata as md, jax, keras, keras_hub  # noqa: F401
+import gemma_tune.data, gemma_tune.train.callbacks, gemma_tune.train.task  # noqa: F401  (datasets, pydantic)
 print("devices:", jax.devices(), "|", ", ".join(f"{n} {md.version(n)}" for n in
-      ("jax", "keras", "keras-hub", "pydantic", "datasets", "numpy")))
+      ("jax", "keras", "keras-hub", "pydantic", "datasets", "pyarrow", "numpy")))
 EOF
 
 bench() {
     "$PYTHON" bench/sft_bench.py --preset "$PRESET" ${ARCH:-} --dtype "$DTYPE" --steps "$STEPS" \
-        --warmup "$WARMUP" --timeout "$SYSTEM_TIMEOUT" --out "$OUT/gpu.jsonl" "$@"
+        --warmup "$WARMUP" --out "$OUT/gpu.jsonl" "$@"
 }
 status=0
 if [ "${1:-main}" = more ]; then
-    bench --full --batch "$BATCH" --length "$LENGTH" || status=1
-    bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 || status=1
+    bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
+    bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \
+        --timeout "$LONG_TIMEOUT" || status=1
 else
-    bench --batch "$BATCH" --length "$LENGTH" || status=1
-    bench --batch 1 --length "$LONG_LENGTH" --systems ours || status=1
+    bench --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
+    bench --batch 1 --length "$LONG_LENGTH" --systems ours --timeout "$LONG_TIMEOUT" || status=1
 fi
 exit $status

@@ -30,20 +30,28 @@ KERAS_HUB_LAYERS = {"q": "query", "k": "key", "v": "value", "o": "attention_outp
 class StepClock(keras.callbacks.Callback):
     """Wall time of the steps after the first `warmup`: from the end of step `warmup` to the end of the
     last. Each step's end fetches its loss to the host, which waits for the device, so a mark is taken
-    with the device idle; data feeding and callbacks between steps are inside the timed span."""
+    with the device idle; data feeding and callbacks between steps are inside the timed span.
+    Alongside, the process's CPU time (user + system, all threads): on a shared CPU it varies less
+    with other processes' load than wall time does."""
 
     def __init__(self, warmup: int):
         super().__init__()
         self.warmup = warmup
         self.marks: list[float] = []
+        self.cpu_marks: list[float] = []
         self.losses: list[float] = []
 
+    def _mark(self):
+        self.marks.append(time.perf_counter())
+        self.cpu_marks.append(time.process_time())
+
     def on_train_begin(self, logs=None):
-        self.marks = [time.perf_counter()]
+        self.marks, self.cpu_marks = [], []
+        self._mark()
 
     def on_train_batch_end(self, batch, logs=None):
         self.losses.append(float(logs["loss"]))
-        self.marks.append(time.perf_counter())
+        self._mark()
 
     def figures(self, tokens_per_step: int) -> dict:
         timed = self.marks[self.warmup:]
@@ -53,6 +61,7 @@ class StepClock(keras.callbacks.Callback):
         return {"timed_steps": steps, "seconds": seconds,
                 "tokens_per_s": tokens_per_step * steps / seconds,
                 "step_s_median": statistics.median(durations),
+                "cpu_s_per_step": (self.cpu_marks[-1] - self.cpu_marks[self.warmup]) / steps,
                 "first_step_s": self.marks[1] - self.marks[0],
                 "loss_first": self.losses[0], "loss_last": self.losses[-1]}
 
@@ -79,8 +88,8 @@ def resident_bytes() -> int | None:
         return None
 
 
-def run_ours(cfg: dict, arch, split) -> dict:
-    """Trains gemma_tune's model per `cfg` on `split`; returns the raw figures."""
+def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
+    """Trains gemma_tune's model per `cfg` on `split` (extra Keras `callbacks` last); the raw figures."""
     from gemma_tune.config.schema import TrainSection
     from gemma_tune.models import build_model, count_params, enable_lora
     from gemma_tune.train import measure
@@ -110,7 +119,7 @@ def run_ours(cfg: dict, arch, split) -> dict:
                             measure.peak_flops(measure.accelerator()))
     clock = StepClock(cfg["warmup"])
     trainer.fit(for_fit(train_batches(split, train.batch_size, train.grad_accum, cfg["seed"])),
-                steps_per_epoch=total, epochs=1, verbose=0, callbacks=[throughput, clock])
+                steps_per_epoch=total, epochs=1, verbose=0, callbacks=[throughput, clock, *callbacks])
     return {"policy": policy, "params_total": counts["total"],
             "params_trainable": counts["trainable"],
             "trainer_tokens_per_s": throughput.summary()["tokens_per_s"],
@@ -139,7 +148,14 @@ def keras_hub_backbone(arch, dtype: str):
         layer_norm_epsilon=arch.rms_norm_eps, dtype=dtype)
 
 
-def run_keras_hub(cfg: dict, arch, split) -> dict:
+def keras_hub_inputs(batch: dict) -> tuple:
+    """(x, y, sample_weight) for keras-hub from contract arrays: token ids and a padding mask, the
+    targets as labels, the loss mask as weights (keras-hub has no segments: a row is one sequence)."""
+    x = {"token_ids": batch["token_ids"], "padding_mask": (batch["segment_ids"] > 0).astype("int32")}
+    return x, batch["target_ids"], batch["loss_mask"]
+
+
+def run_keras_hub(cfg: dict, arch, split, callbacks=()) -> dict:
     """Trains keras-hub's Gemma3CausalLM per `cfg` on the same batches as `run_ours`."""
     import keras_hub
     import numpy as np
@@ -157,10 +173,10 @@ def run_keras_hub(cfg: dict, arch, split) -> dict:
     stream = split.batches(cfg["batch"], cfg["seed"])
     batches = [next(stream) for _ in range(total)]
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    x = {"token_ids": rows["token_ids"], "padding_mask": (rows["segment_ids"] > 0).astype("int32")}
+    x, y, weights = keras_hub_inputs(rows)
     clock = StepClock(cfg["warmup"])
-    keras.Model.fit(lm, x, rows["target_ids"], sample_weight=rows["loss_mask"], batch_size=cfg["batch"],
-                    epochs=1, verbose=0, shuffle=False, callbacks=[clock])
+    keras.Model.fit(lm, x, y, sample_weight=weights, batch_size=cfg["batch"],
+                    epochs=1, verbose=0, shuffle=False, callbacks=[clock, *callbacks])
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_weights)
     return {"policy": policy, "params_total": backbone.count_params(),
             "params_trainable": trainable,
