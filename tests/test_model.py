@@ -245,3 +245,17 @@ def test_serialisation_round_trip(tmp_path):
     assert loaded.architecture == model.architecture
     batch = packed_batch()
     np.testing.assert_array_equal(numpy(loaded(batch)), numpy(model(batch)))
+
+
+def test_validating_a_recipe_leaves_the_backend_unchosen():
+    """Recipes import the Architecture schema; that must not import Keras (the backend is chosen later)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    code = ("import sys, gemma_tune; gemma_tune.load_recipe('recipes/quickstart.yaml'); "
+            "assert 'keras' not in sys.modules; from gemma_tune.models import Architecture; "
+            "assert 'keras' not in sys.modules; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

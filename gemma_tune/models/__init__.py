@@ -1,23 +1,28 @@
-"""gemma_tune's Keras 3 Gemma models (see docs/CONTRACTS.md, "Model")."""
+"""gemma_tune's Keras 3 Gemma models (see docs/CONTRACTS.md, "Model").
 
-from gemma_tune.models.adapters import (
-    LORA_TARGET_PROJECTIONS,
-    count_params,
-    enable_lora,
-    float_kernel,
-    get_variable,
-    lora_projections,
-    merge_lora,
-    projections,
-    quantize_base,
-    unmerge_lora,
-)
-from gemma_tune.models.config import Architecture
-from gemma_tune.models.decoder import DecoderBlock, GemmaCausalLM, build_model
-from gemma_tune.models.projection import Projection
+Names are resolved lazily: `gemma_tune.models.config` (the Architecture schema, read when a recipe is
+validated) must stay importable without importing Keras, so that the backend can still be chosen.
+"""
 
-__all__ = [
-    "Architecture", "DecoderBlock", "GemmaCausalLM", "LORA_TARGET_PROJECTIONS", "Projection", "build_model",
-    "count_params", "enable_lora", "float_kernel", "get_variable", "lora_projections", "merge_lora",
-    "projections", "quantize_base", "unmerge_lora",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Architecture": "gemma_tune.models.config",
+    "DecoderBlock": "gemma_tune.models.decoder",
+    "GemmaCausalLM": "gemma_tune.models.decoder",
+    "build_model": "gemma_tune.models.decoder",
+    "Projection": "gemma_tune.models.projection",
+    **{name: "gemma_tune.models.adapters" for name in (
+        "LORA_TARGET_PROJECTIONS", "count_params", "enable_lora", "float_kernel", "get_variable",
+        "lora_projections", "merge_lora", "projections", "quantize_base", "unmerge_lora")},
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gemma_tune.models' has no attribute '{name}'")
