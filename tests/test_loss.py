@@ -11,6 +11,31 @@ from keras import ops
 from gemma_tune.methods.sft import sft_loss
 
 
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    """These are comparisons of float32 arithmetic; GPUs multiply float32 in TF32 unless told not to."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+    elif backend == "torch":
+        import torch
+
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = before
+    else:
+        import tensorflow as tf
+
+        before = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        yield
+        tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
 def numpy_loss(hidden, embedding, targets, mask, num_targets, softcap=None):
     """Reference: full logits in float64, log-softmax, masked sum / N; and the argmax hit count."""
     logits = hidden.astype(np.float64) @ embedding.astype(np.float64).T
@@ -48,11 +73,9 @@ def value_and_grads(fn, *args):
             tape.watch([x, w])
             value = fn(x, w, *args[2:])
         return value, tape.gradient(value, [x, w])
-    import torch
-
-    x = torch.tensor(args[0], requires_grad=True)
-    w = torch.tensor(args[1], requires_grad=True)
-    value = fn(x, w, *[torch.as_tensor(a) for a in args[2:]])
+    x = ops.convert_to_tensor(args[0]).requires_grad_()  # on Keras' device (a GPU if there is one)
+    w = ops.convert_to_tensor(args[1]).requires_grad_()
+    value = fn(x, w, *[ops.convert_to_tensor(a) for a in args[2:]])
     value.backward()
     return value, (x.grad, w.grad)
 
