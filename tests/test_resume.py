@@ -19,10 +19,11 @@ from gemma_tune.errors import CheckpointError
 TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "query_pre_attn_scalar": 8}
 
+JAX_CACHE = os.path.join(tempfile.gettempdir(), "gemma_tune_jax_cache")
 if keras.backend.backend() == "jax":  # identical programs compile once per test session
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gemma_tune_jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
 
 
 def recipe(run_dir, **train):
@@ -75,7 +76,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_continues(tmp_path):
     path = tmp_path / "recipe.yaml"
     # constant schedule: continuing with a different max_steps changes nothing about the steps themselves
     path.write_text(json.dumps(recipe(run_dir, max_steps=100000, schedule="constant", save_every=None)))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=JAX_CACHE)  # shared with the resume
     proc = subprocess.Popen([sys.executable, "-m", "gemma_tune.cli", "run", str(path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
