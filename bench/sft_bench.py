@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SYSTEMS = ("ours", "keras-hub")
+ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exhausted)\b")  # "ValueError: …", "XlaRuntimeError: …"
 RATIOS = ("tokens_per_s", "step_s_median", "cpu_s_per_step", "peak_memory_gib", "peak_memory_above_baseline_gib")
 
 
@@ -118,9 +120,11 @@ def run_child(system: str, argv: list[str], backend: str, timeout: float | None)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("BENCH "):
             return json.loads(line[len("BENCH "):])
-    tail = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][-15:]
-    sys.stderr.write(f"--- {system} failed (exit {done.returncode}):\n" + "\n".join(tail) + "\n")
-    return {"system": system, "backend": backend, "error": tail[-1] if tail else f"exit {done.returncode}"}
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    sys.stderr.write(f"--- {system} failed (exit {done.returncode}):\n" + "\n".join(lines[-15:]) + "\n")
+    errors = [line.strip() for line in lines if ERROR_LINE.match(line)]
+    return {"system": system, "backend": backend,
+            "error": (errors or lines or [f"exit {done.returncode}"])[-1]}
 
 
 def _num(value, fmt: str) -> str:
