@@ -137,11 +137,14 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
             trainer.fit(for_fit(train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done)),
                         steps_per_epoch=(steps - done) * t.grad_accum, epochs=1, verbose=0,
                         callbacks=own + list(callbacks))
+    else:
+        log.info("the run is already complete (step %d of %d): nothing left to train", done, steps)
     sink.close()
 
     interrupted = checkpointer.stopped_at is not None
     exports = {} if interrupted else _export(recipe, lm, tokenizer, run_dir)
-    summary = _summary(recipe, run_dir, steps, checkpointer, throughput, sink, totals, exports, device)
+    summary = _summary(recipe, run_dir, steps, checkpointer.stopped_at or max(done, steps),
+                       checkpointer.saved or resume_from, throughput, sink, totals, exports, device)
     from gemma_tune.train.report import plot_loss, write_summary
 
     plot_loss(sink.rows, run_dir / "loss_curve.png")
@@ -176,7 +179,7 @@ def _export(recipe, lm, tokenizer, run_dir: Path) -> dict[str, Path]:
     return exports
 
 
-def _summary(recipe, run_dir, steps, checkpointer, throughput, sink, totals, exports, device) -> dict:
+def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, totals, exports, device) -> dict:
     import keras
 
     session = throughput.summary()
@@ -184,8 +187,8 @@ def _summary(recipe, run_dir, steps, checkpointer, throughput, sink, totals, exp
     eval_rows = [r for r in sink.rows if r["split"] == "eval"]
     return {
         "name": recipe.name, "run_dir": str(run_dir),
-        "status": "interrupted" if checkpointer.stopped_at is not None else "finished",
-        "steps": checkpointer.stopped_at or steps,
+        "status": "finished" if reached >= steps else "interrupted",
+        "steps": reached,
         "total_steps": steps, "backend": keras.backend.backend(), "device": device or "cpu",
         "tokens": totals["tokens"] + session["tokens"],
         "trained_tokens": totals["trained_tokens"] + session["trained_tokens"],
@@ -194,6 +197,6 @@ def _summary(recipe, run_dir, steps, checkpointer, throughput, sink, totals, exp
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
         "eval": eval_rows[-1] if eval_rows else None,
-        "checkpoint": str(checkpointer.saved or "") or None,
+        "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
         "exports": {fmt: str(path) for fmt, path in exports.items()},
     }
