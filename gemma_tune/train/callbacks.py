@@ -149,6 +149,9 @@ class MetricsLogger(StepCallback):
         self.progbar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "lr", "tok/s", "MFU"],
                                            unit_name="step") if progress else None
         self._nll = self._targets = self._correct = self._tokens = 0.0
+        self.started = None
+
+    def on_train_begin(self, logs=None):
         self.started = time.perf_counter()
 
     def learning_rate(self, step: int) -> float:
@@ -162,8 +165,10 @@ class MetricsLogger(StepCallback):
         self._tokens += stats["tokens"]
         lr = self.learning_rate(step)
         if self.progbar is not None:
-            values = [("loss", round(stats["loss"], 4)), ("lr", float(f"{lr:.3g}")),
-                      ("tok/s", round(self.throughput.last_rate or 0.0))]
+            rate = self.throughput.last_rate or 0.0
+            values = [("loss", round(stats["loss"], 4)), ("lr", float(f"{lr:.3g}")), ("tok/s", round(rate))]
+            if self.throughput.flops_per_token and self.throughput.peak_flops:
+                values.append(("MFU", round(rate * self.throughput.flops_per_token / self.throughput.peak_flops, 3)))
             self.progbar.update(step, values=values, finalize=step == self.total_steps)
         if step % self.log_every and step != self.total_steps:
             return
@@ -178,9 +183,6 @@ class MetricsLogger(StepCallback):
         log.info("step %d/%d loss %.4f acc %.3f lr %.2e tokens/s %s%s", step, self.total_steps, loss,
                  row["accuracy"] or 0.0, lr, rate, mfu)
         self._nll = self._targets = self._correct = self._tokens = 0.0
-
-    def on_train_end(self, logs=None):
-        self.sink.close()
 
 
 def _inference():

@@ -78,6 +78,7 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
     from gemma_tune.train.data import for_fit, train_batches
     from gemma_tune.train.logs import MetricsSink
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
+    from gemma_tune.train.report import plot_loss, write_summary
     from gemma_tune.train.task import CausalLMTrainer
 
     run_dir = Path(run_dir)
@@ -130,23 +131,23 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
            Evaluator(data.eval, t.batch_size, sink, t.eval_every, steps, lm=lm, tokenizer=tokenizer,
                      prompts=t.sample_prompts, run_dir=run_dir, **kw),
            checkpointer]
-    if done < steps:
-        log.info("training %d steps (%d to go) of batch %d x %d accumulated, %d tokens each row", steps,
-                 steps - done, t.batch_size, t.grad_accum, recipe.data.max_length)
-        with stop:
-            trainer.fit(for_fit(train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done)),
-                        steps_per_epoch=(steps - done) * t.grad_accum, epochs=1, verbose=0,
-                        callbacks=own + list(callbacks))
-    else:
-        log.info("the run is already complete (step %d of %d): nothing left to train", done, steps)
-    sink.close()
+    try:
+        if done < steps:
+            log.info("training %d steps (%d to go) of batch %d x %d accumulated, %d tokens each row", steps,
+                     steps - done, t.batch_size, t.grad_accum, recipe.data.max_length)
+            batches = train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done)
+            with stop:
+                trainer.fit(for_fit(batches), steps_per_epoch=(steps - done) * t.grad_accum, epochs=1,
+                            verbose=0, callbacks=own + list(callbacks))
+        else:
+            log.info("the run is already complete (step %d of %d): nothing left to train", done, steps)
+    finally:
+        sink.close()
 
     interrupted = checkpointer.stopped_at is not None
     exports = {} if interrupted else _export(recipe, lm, tokenizer, run_dir)
     summary = _summary(recipe, run_dir, steps, checkpointer.stopped_at or max(done, steps),
                        checkpointer.saved or resume_from, throughput, sink, totals, exports, device)
-    from gemma_tune.train.report import plot_loss, write_summary
-
     plot_loss(sink.rows, run_dir / "loss_curve.png")
     print(write_summary(summary, run_dir), flush=True)
     if interrupted:
