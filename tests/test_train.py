@@ -174,3 +174,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert 1 < step <= 6 and f"step_{step - 1}, is kept" in err and "train.learning_rate" in err
     kept = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").iterdir())
     assert kept[-1] == step - 1  # nothing was saved at or after the step that diverged
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5]),
+    ("cosine", [0.25, 0.5, 0.75, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5]),
+])
+def test_schedule_warms_up_then_decays_per_optimiser_step(kind, expected):
+    from gemma_tune.train.optim import WarmupSchedule
+
+    # peak 1, 4 warmup steps of 8, 2 micro-steps per optimiser step (Keras counts micro-steps); after
+    # warmup, progress p = (s - 4) / (8 - 4)
+    schedule = WarmupSchedule(1.0, total_steps=8, warmup_steps=4, kind=kind, accum=2)
+    got = [float(keras.ops.convert_to_numpy(schedule(2 * s + 1))) for s in range(7)]
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_weight_decay_skips_norm_scales_and_biases():
+    from gemma_tune.config.schema import TrainSection
+    from gemma_tune.train.optim import WarmupSchedule, build_optimizer
+
+    train = TrainSection(max_steps=1, learning_rate=0.1, weight_decay=0.5, schedule="constant", max_grad_norm=None)
+    optimizer = build_optimizer(train, WarmupSchedule.for_recipe(train, 1))
+    variables = [keras.Variable(np.ones(3, np.float32), name=n) for n in ("kernel", "scale", "bias")]
+    optimizer.apply([keras.ops.zeros(3) for _ in variables], variables)  # no gradient: decay alone moves
+    kernel, scale, bias = (keras.ops.convert_to_numpy(v.value) for v in variables)
+    np.testing.assert_allclose(kernel, 1 - 0.1 * 0.5)  # AdamW: w <- w - lr * wd * w
+    np.testing.assert_array_equal(scale, 1.0)
+    np.testing.assert_array_equal(bias, 1.0)

@@ -8,8 +8,10 @@ import math
 import keras
 from keras import ops
 
-# Variables never decayed: RMSNorm scales (w in x·(1 + w)) and biases. Regexes on the variable name.
-NO_DECAY = ("^scale$", "^bias$")
+# Variables never decayed: RMSNorm scales (w in x·(1 + w)) and biases. Regexes searched in the variable's
+# name: "scale" for Keras variables, but the TensorFlow optimiser passes the tf.Variable's own name,
+# "block_0/pre_attention_norm/scale:0".
+NO_DECAY = (r"(^|/)scale(:\d+)?$", r"(^|/)bias(:\d+)?$")
 
 
 @keras.saving.register_keras_serializable("gemma_tune")
