@@ -1,8 +1,8 @@
 """The native Keras export: `model.keras`, `tokenizer.model` and a keras-hub preset, in one directory.
 
     out_dir/model.keras          our GemmaCausalLM as a Keras archive:
-                                 keras.saving.load_model(path, safe_mode=True) once gemma_tune.models is
-                                 imported (it registers the classes)
+                                 keras.saving.load_model(path, safe_mode=True) once the model classes are
+                                 registered (`from gemma_tune.models import GemmaCausalLM`)
     out_dir/tokenizer.model      the SentencePiece file
     out_dir/config.json, model.weights.h5, task.json, preprocessor.json, tokenizer.json, metadata.json,
     out_dir/assets/tokenizer/vocabulary.spm
