@@ -203,3 +203,13 @@ def test_weight_decay_skips_norm_scales_and_biases():
     np.testing.assert_allclose(kernel, 1 - 0.1 * 0.5)  # AdamW: w <- w - lr * wd * w
     np.testing.assert_array_equal(scale, 1.0)
     np.testing.assert_array_equal(bias, 1.0)
+
+
+def test_run_length_from_epochs_counts_optimiser_steps():
+    from gemma_tune.config.schema import TrainSection
+    from gemma_tune.data import Split
+    from gemma_tune.train.loop import total_steps
+
+    split = Split({"token_ids": np.zeros((10, 4), np.int32)}, np.ones(10), bucketed=False)  # 3 batches of 4
+    assert total_steps(TrainSection(epochs=2.5, batch_size=4, grad_accum=2), split) == 4  # ⌈2.5 · 3 / 2⌉
+    assert total_steps(TrainSection(max_steps=7, batch_size=4), split) == 7
