@@ -99,10 +99,10 @@ def packed_batch():
     return {"token_ids": token_ids, "segment_ids": segment_ids, "positions": positions}
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma3"])
-def test_fused_and_plain_attention_agree(family):
-    plain = randomised(build_model(tiny(family), attention_implementation="plain"))
-    fused = build_model(tiny(family), attention_implementation="fused")
+@pytest.mark.parametrize("family,kv_heads", [("gemma", 1), ("gemma3", 2)])  # MQA and GQA
+def test_fused_and_plain_attention_agree(family, kv_heads):
+    plain = randomised(build_model(tiny(family, num_kv_heads=kv_heads), attention_implementation="plain"))
+    fused = build_model(tiny(family, num_kv_heads=kv_heads), attention_implementation="fused")
     fused.set_weights(plain.get_weights())
     batch = packed_batch()
     real = batch["segment_ids"] > 0

@@ -62,6 +62,11 @@ def plain_attention(query, key, value, mask, *, scale: float, softcap: float | N
 
 def fused_attention(query, key, value, mask, *, scale: float):
     """`keras.ops.dot_product_attention` (flash / cuDNN / SDPA kernels where the backend has them)."""
+    num_heads, num_kv = query.shape[2], key.shape[2]
+    if num_kv == 1 and num_heads > 1 and keras.backend.backend() == "tensorflow":
+        # Keras 3.15's TensorFlow kernel repeats key/value heads only when there are several (MQA fails)
+        key = ops.repeat(key, num_heads, axis=2)
+        value = ops.repeat(value, num_heads, axis=2)
     return ops.dot_product_attention(query, key, value, mask=mask[:, None, :, :], scale=scale)
 
 
