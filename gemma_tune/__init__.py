@@ -7,12 +7,15 @@ The Python API does exactly what the CLI does:
     result.run_dir, result.history
 
 Keras is imported lazily, so the backend can still be chosen (recipe `backend:` or KERAS_BACKEND)
-after `import gemma_tune`.
+after `import gemma_tune`. The model classes that `.keras` archives name (`gemma_tune>GemmaCausalLM`,
+`gemma_tune>Projection`) are registered with Keras by `import gemma_tune` when Keras is already
+imported, else by `gemma_tune.register_keras_objects()` (or any import of gemma_tune.models' classes).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -24,7 +27,16 @@ _LAZY = {
     "load_model": "gemma_tune.loading", "load_model_and_tokenizer": "gemma_tune.loading",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY) + ["register_keras_objects"]
+
+
+def register_keras_objects() -> None:
+    """Register gemma_tune's Keras classes, so `keras.saving.load_model(path, safe_mode=True)` finds them."""
+    importlib.import_module("gemma_tune.models.decoder")
+
+
+if "keras" in sys.modules:  # the backend is already chosen: nothing is lost by registering now
+    register_keras_objects()
 
 
 def __getattr__(name: str):

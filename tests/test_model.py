@@ -245,6 +245,13 @@ def test_serialisation_round_trip(tmp_path):
     assert loaded.architecture == model.architecture
     batch = packed_batch()
     np.testing.assert_array_equal(numpy(loaded(batch)), numpy(model(batch)))
+    import subprocess
+    import sys
+
+    code = (f"import keras, gemma_tune; m = keras.saving.load_model({str(path)!r}, safe_mode=True); "
+            "print(type(m).__name__, len(m.blocks))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split() == ["GemmaCausalLM", "3"], done.stderr[-2000:]
 
 
 def test_validating_a_recipe_leaves_the_backend_unchosen():
