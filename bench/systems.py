@@ -60,7 +60,7 @@ class StepClock(keras.callbacks.Callback):
         durations = [b - a for a, b in zip(timed[:-1], timed[1:])]
         return {"timed_steps": steps, "seconds": seconds,
                 "tokens_per_s": tokens_per_step * steps / seconds,
-                "step_s_median": statistics.median(durations),
+                "step_s_median": statistics.median(durations), "step_s": [round(d, 4) for d in durations],
                 "cpu_s_per_step": (self.cpu_marks[-1] - self.cpu_marks[self.warmup]) / steps,
                 "first_step_s": self.marks[1] - self.marks[0],
                 "loss_first": self.losses[0], "loss_last": self.losses[-1]}
