@@ -30,12 +30,13 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
     assert (run_dir / "exports" / "keras" / "model.keras").is_file()
 
-    # the merged safetensors export computes what the trained model (its last checkpoint) computes
+    # both merged exports compute what the trained model (its last checkpoint) computes
     from keras import ops
 
     from gemma_tune.loading import load_model
 
     batch = {"token_ids": np.array([[2, 4, 339, 474, 10]], np.int32), "padding_mask": np.ones((1, 5), np.int32)}
-    exported = ops.convert_to_numpy(load_model(run_dir / "exports" / "safetensors")(batch))
     trained = ops.convert_to_numpy(load_model(run_dir)(batch))
-    np.testing.assert_allclose(exported, trained, atol=1e-5)
+    for fmt in ("safetensors", "keras"):
+        exported = ops.convert_to_numpy(load_model(run_dir / "exports" / fmt)(batch))
+        np.testing.assert_allclose(exported, trained, atol=1e-5, err_msg=fmt)
