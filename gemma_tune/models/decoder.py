@@ -148,8 +148,13 @@ class GemmaCausalLM(keras.Model):
         masks = self._masks(index, index, segments, segments)
         x = self.embed(token_ids)
         for block in self.blocks:
-            step = keras.remat(block) if (self.remat and training) else block
-            x = step(x, positions, masks[block.attention.window], training=training)
+            mask = masks[block.attention.window]
+            if self.remat and training:
+                # Only the hidden states pass through the rematerialised function: TensorFlow's
+                # recompute_grad takes no keyword arguments and would differentiate the boolean mask.
+                x = keras.remat(lambda h, block=block, mask=mask: block(h, positions, mask, training=True))(x)
+            else:
+                x = block(x, positions, mask, training=training)
         x = self.final_norm(x)
         if return_hidden_states:
             return x
