@@ -100,8 +100,8 @@ def _tensorboard_scalars(log_dir):
 
 @pytest.mark.parametrize("method", ["full", "lora_bfloat16", "qlora_int8"])
 def test_full_lora_qlora_train_what_they_should(tmp_path, method):
-    """Full fine-tuning trains every weight; LoRA (here in mixed bfloat16: float32 variables, bfloat16
-    compute) and QLoRA (int8 base) train the float32 adapters only."""
+    """Full fine-tuning trains every weight; LoRA (here in bfloat16: the frozen base stored in bfloat16)
+    and QLoRA (int8 base) train the float32 adapters only."""
     lora = {"rank": 4, "alpha": 8, "targets": ["q", "v", "down"]} if method != "full" else None
     quantize = "int8" if method == "qlora_int8" else None
     run_dir = tmp_path / "run"
@@ -213,3 +213,15 @@ def test_run_length_from_epochs_counts_optimiser_steps():
     split = Split({"token_ids": np.zeros((10, 4), np.int32)}, np.ones(10), bucketed=False)  # 3 batches of 4
     assert total_steps(TrainSection(epochs=2.5, batch_size=4, grad_accum=2), split) == 4  # ⌈2.5 · 3 / 2⌉
     assert total_steps(TrainSection(max_steps=7, batch_size=4), split) == 7
+
+
+def test_bfloat16_lora_keeps_the_frozen_base_in_bfloat16(tmp_path):
+    from gemma_tune.train.build import build_for_recipe
+
+    config = recipe(tmp_path / "run", lora={"rank": 4, "alpha": 8, "targets": ["q", "v"]}, max_steps=1)
+    config["model"]["dtype"] = "bfloat16"
+    model, _ = build_for_recipe(gemma_tune.load_recipe(config))
+    q_proj = model.blocks[0].attention.q_proj
+    assert q_proj._kernel.dtype == "bfloat16" and model.token_embedding.embeddings.dtype == "bfloat16"
+    assert q_proj.lora_kernel_a.dtype == "float32" and q_proj.lora_kernel_b.dtype == "float32"
+    assert {v.dtype for v in model.trainable_weights} == {"float32"}

@@ -2,7 +2,9 @@
 quantised (`quantize`) and LoRA adapters added (`lora`), rematerialisation, and the dtype policy.
 
 `model.dtype` -> Keras dtype policy: float32 -> "float32"; bfloat16 -> "mixed_bfloat16" (float32
-variables, bfloat16 compute); float16 -> "mixed_float16" (and the optimiser scales the loss).
+variables, bfloat16 compute) for full fine-tuning, "bfloat16" with LoRA (the frozen base is stored in
+bfloat16, half the memory; Keras keeps the adapters, the only trained weights, in float32);
+float16 -> "mixed_float16" (and the optimiser scales the loss).
 QLoRA = `quantize: int8|int4` with `lora:`: base kernels quantised first, then float32 adapters on them.
 """
 
@@ -24,6 +26,8 @@ def build_for_recipe(recipe):
     from gemma_tune.tokenizer import load_tokenizer
 
     policy = POLICIES[recipe.model.dtype]
+    if recipe.lora is not None and recipe.model.dtype == "bfloat16":
+        policy = "bfloat16"  # frozen base in bf16; LoRA variables are float32 whatever the policy
     if recipe.model.weights is None:
         model = build_model(recipe_architecture(recipe), dtype=policy)
         tokenizer = load_tokenizer(recipe.model.tokenizer)
