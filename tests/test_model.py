@@ -266,3 +266,14 @@ def test_validating_a_recipe_leaves_the_backend_unchosen():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_projection_config_keeps_lora_alpha_and_dropout():
+    from gemma_tune.models import Projection
+
+    layer = Projection(8, lora_rank=4, lora_alpha=16.0, lora_dropout=0.1)
+    layer.build((None, 6))
+    restored = Projection.from_config(layer.get_config())
+    restored.build((None, 6))
+    assert (restored.lora_rank, restored.lora_alpha, restored.lora_dropout) == (4, 16.0, 0.1)
+    assert restored.lora_dropout_seed is not None

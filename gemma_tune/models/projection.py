@@ -32,6 +32,8 @@ class Projection(keras.layers.Dense):
                     dropout: float | None = None):
         """Keras' LoRA variables, plus the seed state of LoRA dropout when `dropout` (or the configured
         `lora_dropout`) is positive."""
+        if lora_alpha is None:  # Dense.build re-enables a deserialised LoRA with the rank alone
+            lora_alpha = self.lora_alpha
         super().enable_lora(rank, lora_alpha=lora_alpha, a_initializer=a_initializer, b_initializer=b_initializer)
         if dropout is not None:
             self.lora_dropout = dropout
