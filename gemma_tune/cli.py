@@ -181,8 +181,21 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may also follow options
+    (`gemma-tune run RECIPE --backend torch train.max_steps=50`), which argparse alone rejects."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.handler(args)
     except UserError as e:

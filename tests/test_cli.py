@@ -57,3 +57,14 @@ def test_missing_recipe_and_bad_backend(tmp_path):
     assert out.returncode == 2 and "recipe file not found" in out.stderr and "Traceback" not in out.stderr
     out = cli("run", ROOT / "recipes" / "quickstart.yaml", "--backend", "mxnet")
     assert out.returncode == 2 and "invalid choice: 'mxnet'" in out.stderr
+
+
+def test_overrides_may_follow_options():
+    from gemma_tune.cli import parse
+
+    args = parse(["run", "recipes/quickstart.yaml", "--backend", "torch", "train.max_steps=5", "lora.rank=8"])
+    assert args.backend == "torch" and args.overrides == ["train.max_steps=5", "lora.rank=8"]
+    with pytest.raises(SystemExit):
+        parse(["run", "recipes/quickstart.yaml", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse(["list", "train.max_steps=5"])
