@@ -61,10 +61,6 @@ def enable_lora(model, rank: int, alpha: float, dropout: float = 0.0,
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; expected {list(LORA_TARGET_PROJECTIONS)}")
     target_names = {LORA_TARGET_PROJECTIONS[t][1] for t in targets}
-    for layer in _all_layers(model):
-        if not isinstance(layer, Projection):
-            for variable in layer._trainable_variables if hasattr(layer, "_trainable_variables") else ():
-                variable.trainable = False
     model.token_embedding.trainable = False
     model.final_norm.trainable = False
     for block in model.blocks:
@@ -78,10 +74,6 @@ def enable_lora(model, rank: int, alpha: float, dropout: float = 0.0,
             layer.enable_lora(rank, lora_alpha=alpha, dropout=dropout)
         else:
             layer.trainable = False
-
-
-def _all_layers(model):
-    return model._flatten_layers(include_self=False, recursive=True)
 
 
 def merge_lora(model) -> None:
