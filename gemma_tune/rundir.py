@@ -35,8 +35,8 @@ def prepare_run_dir(recipe: Recipe, backend: str) -> Path:
     """Create the run directory with recipe.yaml, manifest.json and logs/; set up file logging."""
     run_dir = Path(recipe.output_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "recipe.yaml", resolved_recipe_yaml(recipe))
-    _atomic_write(run_dir / "manifest.json", json.dumps(manifest(recipe, backend), indent=2) + "\n")
+    atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_yaml(recipe))
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest(recipe, backend), indent=2) + "\n")
     _log_to(run_dir / "logs" / "run.log")
     return run_dir
 
@@ -109,7 +109,8 @@ def _fingerprint(path: str) -> dict:
             "bytes": sum(f.stat().st_size for f in files)}
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename: never half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -9,11 +9,13 @@ resumed step are dropped (`truncate_after`) so the files read as one uninterrupt
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from gemma_tune.rundir import atomic_write_text
 
 CSV_COLUMNS = ("step", "split", "loss", "perplexity", "accuracy", "learning_rate", "tokens", "tokens_per_s",
                "mfu", "peak_memory_gib", "elapsed_s")
@@ -51,12 +53,12 @@ class MetricsSink:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        _atomic_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
-        with open(_tmp(self.csv), "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(_tmp(self.csv), self.csv)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv, table.getvalue())
 
     def write(self, row: dict) -> None:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -96,12 +98,3 @@ class MetricsSink:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _tmp(path).write_text(text, encoding="utf-8")
-    os.replace(_tmp(path), path)

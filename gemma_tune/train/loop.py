@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
 from gemma_tune.errors import CheckpointError
+from gemma_tune.rundir import atomic_write_text
 
 log = logging.getLogger("gemma_tune")
 
@@ -163,9 +163,7 @@ def _truncate_samples(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _export(recipe, lm, tokenizer, run_dir: Path) -> dict[str, Path]:

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from gemma_tune.rundir import atomic_write_text
+
 
 def plot_loss(rows: list[dict], path: Path) -> Path | None:
     """Train (and eval) loss against step as a PNG (matplotlib, Agg); None when nothing was logged."""
@@ -37,10 +39,7 @@ def plot_loss(rows: list[dict], path: Path) -> Path | None:
 
 def write_summary(summary: dict, run_dir: Path) -> str:
     """Save summary.json atomically and return the human-readable lines."""
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     lines = [f"run {summary['name']}: {summary['status']} after step {summary['steps']}/{summary['total_steps']}"]
     lines.append(f"  tokens      {summary['tokens']:,.0f} ({summary['trained_tokens']:,.0f} trained on) in "
                  f"{summary['seconds']:.1f} s this session")
