@@ -111,13 +111,13 @@ def run_recipe(run_dir: Path):
 
 def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None, dtype: str):
     """The model a run trained, as of `checkpoint_dir`: built as its recipe says, variables restored."""
-    from keras import ops
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from gemma_tune.config import recipe_architecture
-    from gemma_tune.models import build_model, enable_lora, quantize_base
-    from gemma_tune.train.checkpoint import keyed_variables
+    from gemma_tune.models import build_model
+    from gemma_tune.train.build import add_recipe_adapters
+    from gemma_tune.train.checkpoint import keyed_variables, restore_variables
 
     recipe = run_recipe(run_dir)
     where = str(checkpoint_dir / "model.safetensors")
@@ -126,27 +126,14 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None
     else:
         model = build_model(recipe_architecture(recipe), dtype=dtype)
     _check_preset(model.architecture, preset, str(run_dir))
-    if recipe.quantize is not None:
-        quantize_base(model, recipe.quantize)
-    if recipe.lora is not None:
-        lora = recipe.lora
-        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    add_recipe_adapters(model, recipe)
     model.checkpoint_source = recipe.model.weights or ""  # a random-init base has no source
     try:
         tensors = load_file(where)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"not a readable checkpoint ({e})", where=where) from e
-    weights = keyed_variables(model.variables)  # the trainer's own keys
-    missing = sorted(set(weights) - set(tensors))
-    if missing:
-        raise CheckpointError(f"the checkpoint does not fit the run's recipe: missing {', '.join(missing[:5])}",
-                              where=where)
-    for path, variable in weights.items():
-        value = tensors[path]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise CheckpointError(f"{path}: shape {list(value.shape)}, the run's recipe builds "
-                                  f"{list(variable.shape)}", where=where)
-        variable.assign(ops.cast(value, variable.dtype))
+    restore_variables(keyed_variables(model.variables), tensors, where,  # the trainer's own keys
+                      "does the run's recipe still build the model it trained?")
     return model
 
 

@@ -20,9 +20,21 @@ log = logging.getLogger("gemma_tune")
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
+def add_recipe_adapters(model, recipe) -> None:
+    """The recipe's `quantize` (frozen base kernels) then its `lora` adapters, in that order: adapters
+    added after quantisation stay float32 (QLoRA). Used by training and to restore a run's checkpoint."""
+    from gemma_tune.models import enable_lora, quantize_base
+
+    if recipe.quantize is not None:  # validation ensures `lora:` is set too
+        quantize_base(model, recipe.quantize)
+    if recipe.lora is not None:
+        lora = recipe.lora
+        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
+
+
 def build_for_recipe(recipe):
     """(GemmaCausalLM ready to train, GemmaTokenizer) for `recipe`."""
-    from gemma_tune.models import build_model, count_params, enable_lora, quantize_base
+    from gemma_tune.models import build_model, count_params
     from gemma_tune.tokenizer import load_tokenizer
 
     policy = POLICIES[recipe.model.dtype]
@@ -39,11 +51,7 @@ def build_for_recipe(recipe):
     if tokenizer.vocab_size > model.architecture.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{model.architecture.vocab_size}", where="model.tokenizer")
-    if recipe.quantize is not None:  # validation ensures `lora:` is set too
-        quantize_base(model, recipe.quantize)
-    if recipe.lora is not None:
-        lora = recipe.lora
-        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    add_recipe_adapters(model, recipe)
     model.remat = recipe.train.remat
     counts = count_params(model)
     log.info("model: %s parameters, %s trainable (%.2f%%)%s%s", f"{counts['total']:,}",

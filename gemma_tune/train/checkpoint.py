@@ -94,7 +94,9 @@ def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
     return final
 
 
-def _restore(variables: dict, tensors: dict, where: str, hint: str) -> None:
+def restore_variables(variables: dict, tensors: dict, where: str, hint: str) -> None:
+    """Assign `tensors` to `variables` (both keyed as `keyed_variables` keys them); a missing or
+    unexpected tensor or a wrong shape is a CheckpointError naming `where`, with `hint`."""
     missing = sorted(set(variables) - set(tensors))
     extra = sorted(set(tensors) - set(variables))
     if missing or extra:
@@ -121,9 +123,9 @@ def load(path: Path, lm, optimizer) -> dict:
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"incomplete checkpoint: {name} is missing", where=str(path))
-    _restore(keyed_variables(lm.variables), load_file(str(path / "model.safetensors")),
+    restore_variables(keyed_variables(lm.variables), load_file(str(path / "model.safetensors")),
              str(path / "model.safetensors"), "another model, lora or quantize setting?")
-    _restore(keyed_variables(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
+    restore_variables(keyed_variables(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
              "another optimizer, or other trainable weights?")
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
