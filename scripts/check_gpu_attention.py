@@ -14,7 +14,6 @@ import json
 import sys
 import time
 
-import keras
 import numpy as np
 from keras import ops
 

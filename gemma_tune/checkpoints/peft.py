@@ -10,7 +10,6 @@ lora_A.weight [r, in], lora_B.weight [out, r] and scaling = lora_alpha / r (lora
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
