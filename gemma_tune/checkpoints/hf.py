@@ -187,15 +187,10 @@ class _Writer:
         return int(np.prod(shape)) * np.dtype(self.dtype).itemsize
 
     def value(self, tensor: hf_names.Tensor) -> np.ndarray:
-        from keras import ops
+        from gemma_tune.models import float_weight
 
-        from gemma_tune.models import float_kernel, get_variable
-
-        if tensor.transpose:
-            value = float_kernel(self.layers[tensor.ours.rsplit(".", 1)[0]], merge_lora=self.merge_lora).T
-        else:
-            value = ops.convert_to_numpy(ops.cast(get_variable(self.model, tensor.ours), "float32"))
-        return np.ascontiguousarray(value.astype(self.dtype))
+        value = float_weight(self.model, tensor.ours, merge_lora=self.merge_lora)
+        return np.ascontiguousarray((value.T if tensor.transpose else value).astype(self.dtype))
 
 
 def _shards(sizes: list[int], max_shard_size: int) -> list[list[int]]:

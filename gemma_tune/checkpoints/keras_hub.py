@@ -335,21 +335,10 @@ def load_keras_hub_preset(path, dtype: str = "float32"):
 
 def _our_arrays(model) -> dict[str, np.ndarray]:
     """Every weight of `model` as float32 NumPy in our layout; projections dequantised and LoRA-merged
-    (`float_kernel`)."""
-    import keras
+    (`float_weight`)."""
+    from gemma_tune.models import float_weight
 
-    from gemma_tune.models import get_variable, projections
-    from gemma_tune.models.adapters import float_kernel
-
-    kernels = {f"{path}.kernel": float_kernel(layer, merge_lora=True) for path, layer in projections(model)}
-    arrays = {}
-    for ours_path, _, _ in tensors(model.architecture):
-        if ours_path in kernels:
-            arrays[ours_path] = kernels[ours_path]
-        else:
-            value = keras.ops.convert_to_numpy(keras.ops.cast(get_variable(model, ours_path), "float32"))
-            arrays[ours_path] = np.asarray(value, dtype=np.float32)
-    return arrays
+    return {ours_path: float_weight(model, ours_path) for ours_path, _, _ in tensors(model.architecture)}
 
 
 def _fold_query_scale(arrays: dict[str, np.ndarray], arch: Architecture, fold: float) -> None:

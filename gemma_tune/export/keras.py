@@ -21,8 +21,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from gemma_tune.checkpoints.keras_hub import has_lora, tensors, write_keras_hub_preset
 from gemma_tune.errors import CheckpointError, UserError
 
@@ -32,23 +30,16 @@ TOKENIZER_FILE = "tokenizer.model"
 
 def exported_model(model, dtype: str | None = None):
     """A fresh `GemmaCausalLM` computing `model` with plain float weights: dequantised, LoRA merged
-    (`float_kernel`). `dtype`: a Keras dtype policy name; None keeps the model's policy."""
+    (`float_weight`). `dtype`: a Keras dtype policy name; None keeps the model's policy."""
     import keras
 
-    from gemma_tune.models import build_model, get_variable, projections
-    from gemma_tune.models.adapters import float_kernel
+    from gemma_tune.models import build_model, float_weight, get_variable
 
     clone = build_model(model.architecture, dtype=dtype or model.dtype_policy.name,
                         attention_implementation=model.attention_implementation)
-    ours = dict(projections(model))
-    for path, layer in projections(clone):
-        layer._kernel.assign(keras.ops.cast(float_kernel(ours[path], merge_lora=True), layer._kernel.dtype))
-    projection_kernels = {f"{path}.kernel" for path in ours}
-    for variable_path, _, _ in tensors(model.architecture):
-        if variable_path not in projection_kernels:
-            source = keras.ops.convert_to_numpy(keras.ops.cast(get_variable(model, variable_path), "float32"))
-            target = get_variable(clone, variable_path)
-            target.assign(keras.ops.cast(np.asarray(source), target.dtype))
+    for path, _, _ in tensors(model.architecture):
+        target = get_variable(clone, path)
+        target.assign(keras.ops.cast(float_weight(model, path), target.dtype))
     return clone
 
 

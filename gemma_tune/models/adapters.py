@@ -40,17 +40,31 @@ def lora_projections(model) -> Iterator[tuple[str, Projection]]:
     return ((path, layer) for path, layer in projections(model) if layer.lora_enabled)
 
 
+def _owner(model, path: str):
+    """(the layer holding the weight at `path`, the weight's attribute name)."""
+    node = model
+    *parts, leaf = path.split(".")
+    for part in parts:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node, leaf
+
+
 def get_variable(model, path: str):
     """The variable at a weight path such as `blocks.3.attention.q_proj.kernel` (the base kernel, never
     a LoRA-merged view) or `blocks.3.attention.q_proj.lora_kernel_a`."""
-    node = model
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    leaf = parts[-1]
+    node, leaf = _owner(model, path)
     if leaf == "kernel" and isinstance(node, Projection):
         return node._kernel
     return getattr(node, leaf)
+
+
+def float_weight(model, path: str, merge_lora: bool = True) -> np.ndarray:
+    """The weight at `path` as float32 NumPy in our layout, as exports write it: a projection kernel
+    through `float_kernel` (dequantised, LoRA merged when `merge_lora`), any other weight cast."""
+    node, leaf = _owner(model, path)
+    if leaf == "kernel" and isinstance(node, Projection):
+        return float_kernel(node, merge_lora=merge_lora)
+    return ops.convert_to_numpy(ops.cast(getattr(node, leaf), "float32")).astype(np.float32)
 
 
 def enable_lora(model, rank: int, alpha: float, dropout: float = 0.0,
