@@ -7,6 +7,8 @@ where the mistake is (`where`: a file, optionally with a key path or row number)
 
 from __future__ import annotations
 
+import errno
+
 EXIT_USER_ERROR = 2
 
 
@@ -29,3 +31,26 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or weights source that is missing, unreadable or does not match the architecture."""
+
+
+ENVIRONMENT_HINTS = {
+    errno.ENOSPC: "free some space (old runs, checkpoints, caches) or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "choose a location on a writable file system",
+    errno.EACCES: "choose a location you can write to",
+    errno.EPERM: "choose an ordinary directory you can write to",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EEXIST: "the path exists and is not a directory: choose another path",
+    errno.EISDIR: "a directory is in the way of a file: choose another path",
+}
+
+
+def environment_error(e: OSError, setting: str | None = None) -> UserError | None:
+    """A UserError for an OSError the user can fix in their environment (a full or read-only disk, a
+    path that is a file, no permission), naming the path; None for any other OSError."""
+    hint = ENVIRONMENT_HINTS.get(e.errno)
+    if hint is None:
+        return None
+    path = e.filename or "?"
+    also = f" (set by {setting})" if setting else ""
+    return UserError(f"{e.strerror or type(e).__name__}: {hint}{also}", where=str(path))

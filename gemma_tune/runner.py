@@ -1,17 +1,15 @@
-"""One run of a recipe, the same from the CLI and from Python: validate, choose the backend, seed,
-prepare the run directory, train with the recipe's method, export."""
+"""One run of a recipe, the same from the CLI and from Python: validate, choose the backend, seed, then
+train with the recipe's method in its run directory (which `gemma_tune.train.train` holds, decides to
+continue or start afresh in, and exports into)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from gemma_tune.backend import select_backend
 from gemma_tune.config import Recipe, load_recipe
-
-log = logging.getLogger("gemma_tune")
 
 
 @dataclass
@@ -28,8 +26,9 @@ def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str
     """Run a recipe (a YAML path, a dict shaped like the YAML, or a loaded `Recipe`).
 
     `overrides` are dotted `key=value` strings as on the command line; `backend` wins over the recipe's
-    `backend:`; `resume=None` resumes when the run directory holds a checkpoint, True requires one,
-    False starts afresh.
+    `backend:`; `resume=None` continues the run directory's run when it is the same run, True requires a
+    checkpoint (and allows changed optimisation settings), False starts afresh, moving a previous run
+    aside (the rule: gemma_tune/train/resume.py).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -38,10 +37,8 @@ def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str
     import keras
 
     keras.utils.set_random_seed(recipe.seed)
-    from gemma_tune.rundir import prepare_run_dir
     from gemma_tune.train import train
 
-    run_dir = prepare_run_dir(recipe, recipe.backend)
-    log.info("run %s on %s -> %s", recipe.name, recipe.backend, run_dir)
-    outcome = train(recipe, run_dir, resume=resume)
-    return RunResult(run_dir=run_dir, history=outcome["history"], exports=outcome.get("exports", {}))
+    outcome = train(recipe, resume=resume)
+    return RunResult(run_dir=Path(outcome["summary"]["run_dir"]), history=outcome["history"],
+                     exports=outcome.get("exports", {}))

@@ -14,7 +14,7 @@ import keras
 import pytest
 
 import gemma_tune
-from gemma_tune.errors import CheckpointError
+from gemma_tune.errors import CheckpointError, ConfigError
 
 TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "query_pre_attn_scalar": 8}
@@ -63,12 +63,15 @@ def test_resumed_run_gives_the_uninterrupted_losses(tmp_path):
 def test_resume_requires_a_checkpoint_and_matching_settings(tmp_path):
     with pytest.raises(CheckpointError, match="needs a checkpoint"):
         gemma_tune.run(recipe(tmp_path / "empty"), resume=True)
+    assert not (tmp_path / "empty").exists()  # a refused run leaves no directory behind
     run_dir = tmp_path / "run"
     gemma_tune.run(recipe(run_dir, max_steps=1, save_every=1, warmup_steps=0))
-    with pytest.raises(CheckpointError, match="batch_size 4 -> 2"):
-        gemma_tune.run(recipe(run_dir, max_steps=2, warmup_steps=0, batch_size=2))
-    with pytest.raises(CheckpointError, match="does not fit this run"):
-        gemma_tune.run({**recipe(run_dir, max_steps=2, warmup_steps=0), "lora": {"rank": 2, "alpha": 8}})
+    for resume in (None, True):
+        with pytest.raises(ConfigError, match="train.batch_size: 4 -> 2"):
+            gemma_tune.run(recipe(run_dir, max_steps=2, warmup_steps=0, batch_size=2), resume=resume)
+        with pytest.raises(ConfigError, match="lora.rank: 4 -> 2"):
+            gemma_tune.run({**recipe(run_dir, max_steps=2, warmup_steps=0), "lora": {"rank": 2, "alpha": 8}},
+                           resume=resume)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_continues(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 from gemma_tune.backend import select_backend
 from gemma_tune.config import load_recipe
 from gemma_tune.errors import UserError
-from gemma_tune.rundir import prepare_run_dir
+from gemma_tune.rundir import RunDirectory
 
 
 @pytest.fixture
@@ -24,7 +24,10 @@ def recipe(tmp_path, monkeypatch):
 
 
 def test_run_dir_holds_resolved_recipe_and_manifest(recipe, tmp_path):
-    run_dir = prepare_run_dir(recipe, keras.backend.backend())
+    with RunDirectory.open(recipe.output_dir) as held:
+        assert not (held.path / "recipe.yaml").exists()  # nothing is written before the commit
+        held.commit(recipe, keras.backend.backend(), fresh=True)
+    run_dir = held.path
     resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert resolved["data"]["train"]["path"] == str(tmp_path / "chat.jsonl")
     os.chdir(run_dir)  # re-runnable as is, from anywhere

@@ -160,20 +160,29 @@ def test_rematerialisation_leaves_the_step_unchanged(tmp_path):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("learning_rate", [1e30, 1e38])
+def test_divergence_stops_and_names_the_last_finite_checkpoint(tmp_path, capsys, learning_rate):
+    """SGD at an absurd rate: the loss or the weights become non-finite. Non-finite weights are never
+    saved, and the checkpoint the message names holds finite ones (or it says none was written)."""
     from gemma_tune.cli import main
 
     run_dir = tmp_path / "run"
     path = tmp_path / "recipe.yaml"
-    path.write_text(json.dumps(recipe(run_dir, max_steps=6, save_every=1, optimizer="sgd", learning_rate=1e30,
-                                      max_grad_norm=None)))
+    path.write_text(json.dumps(recipe(run_dir, max_steps=6, save_every=1, optimizer="sgd",
+                                      learning_rate=learning_rate, max_grad_norm=None)))
     assert main(["run", str(path)]) == 2  # a user error: message, exit code 2, no traceback
     err = capsys.readouterr().err
-    assert "gemma-tune: error: train: the training loss became" in err and "Traceback" not in err
+    assert "gemma-tune: error: train: the " in err and "Traceback" not in err and "train.learning_rate" in err
     step = int(re.search(r"at step (\d+)", err).group(1))
-    assert 1 < step <= 6 and f"step_{step - 1}, is kept" in err and "train.learning_rate" in err
-    kept = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").iterdir())
-    assert kept[-1] == step - 1  # nothing was saved at or after the step that diverged
+    kept = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert all(k < step for k in kept)  # nothing was saved at or after the step that diverged
+    named = re.search(r"the last finite checkpoint, (\S+), is kept", err)
+    if kept:
+        assert named and named.group(1) == str(run_dir / "checkpoints" / f"step_{kept[-1]}")
+        weights = load_file(str(run_dir / "checkpoints" / f"step_{kept[-1]}" / "model.safetensors"))
+        assert all(np.isfinite(w).all() for w in weights.values() if w.dtype.kind == "f")
+    else:
+        assert named is None and "no checkpoint was written before it" in err
 
 
 @pytest.mark.parametrize("kind,expected", [

@@ -6,8 +6,9 @@ statistics summed over its micro-batches: `loss` (Σ nll / N of the step), `corr
 `tokens` (real tokens). Steps are numbered from 1 and continue across a resume (`first_step`).
 
   NonFiniteGuard  stops the run on a non-finite loss, before anything is logged or saved for that step
+                  (the Checkpointer refuses non-finite weights: a checkpoint always holds finite ones)
   Throughput      tokens/s, MFU (on a known accelerator) and peak memory — usable on its own (bench/)
-  MetricsLogger   the progress bar and metrics.jsonl / metrics.csv / TensorBoard rows every log_every
+  MetricsLogger   the progress bar every step; metrics.jsonl / metrics.csv / TensorBoard rows every log_every
   Evaluator       eval loss, perplexity, token accuracy every eval_every; sample generations
   Checkpointer    checkpoints every save_every, at the end, and when SIGTERM/SIGINT asks to stop
   RestoreRNG      a resumed run's global random generators, set at its first step
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import keras
 
+from gemma_tune.console import ProgressBar
 from gemma_tune.errors import UserError
 from gemma_tune.train import checkpoint, measure
 from gemma_tune.train.data import eval_batches, for_fit
@@ -60,21 +62,27 @@ class StepCallback(keras.callbacks.Callback, abc.ABC):
         """Called once per optimisation step with the step's summed statistics."""
 
 
+def diverged(what: str, step: int, run_dir: Path) -> "TrainingDiverged":
+    """The error for a run whose `what` (the loss, the weights) became non-finite at `step`, naming the last
+    finite checkpoint (non-finite weights are never saved) and what to do next."""
+    last = checkpoint.latest(run_dir)
+    advice = "lower train.learning_rate, or set train.max_grad_norm"
+    kept = (f"the last finite checkpoint, {last}, is kept: {advice}, then continue from it with --resume "
+            "(resume=True in Python)" if last else
+            f"no checkpoint was written before it: {advice} and run again")
+    return TrainingDiverged(f"{what} at step {step}; {kept}", where="train")
+
+
 class NonFiniteGuard(StepCallback):
-    """Raises `TrainingDiverged` naming the step and the last good checkpoint when the loss is NaN/inf."""
+    """Raises `TrainingDiverged` naming the step and the last finite checkpoint when the loss is NaN/inf."""
 
     def __init__(self, run_dir: Path, **kw):
         super().__init__(**kw)
         self.run_dir = Path(run_dir)
 
     def on_step_end(self, step, stats):
-        if math.isfinite(stats["loss"]):
-            return
-        last = checkpoint.latest(self.run_dir)
-        advice = "lower train.learning_rate, or set train.max_grad_norm"
-        kept = (f"the last good checkpoint, {last}, is kept: resume from it with --resume after you {advice}"
-                if last else f"no checkpoint was written before it; {advice}")
-        raise TrainingDiverged(f"the training loss became {stats['loss']} at step {step}; {kept}", where="train")
+        if not math.isfinite(stats["loss"]):
+            raise diverged(f"the training loss became {stats['loss']}", step, self.run_dir)
 
 
 class Throughput(StepCallback):
@@ -139,20 +147,21 @@ class Throughput(StepCallback):
 
 class MetricsLogger(StepCallback):
     """Every `log_every` steps (and the last): a train row (loss and accuracy over the steps since the
-    previous row, learning rate, tokens, throughput) to `sink`, the log, and the progress bar."""
+    previous row, learning rate, tokens, throughput) to `sink` and the log. Every step: the progress bar
+    (`gemma_tune.console.ProgressBar`), whose loss is the same mean over the steps since the last row."""
 
     def __init__(self, sink, schedule, total_steps: int, log_every: int, throughput: Throughput,
                  progress: bool = True, **kw):
         super().__init__(**kw)
         self.sink, self.schedule, self.total_steps = sink, schedule, total_steps
         self.log_every, self.throughput = log_every, throughput
-        self.progbar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "lr", "tok/s", "MFU"],
-                                           unit_name="step") if progress else None
+        self.progress = ProgressBar(total_steps, enabled=progress)
         self._nll = self._targets = self._correct = self._tokens = 0.0
         self.started = None
 
     def on_train_begin(self, logs=None):
         self.started = time.perf_counter()
+        log.info("step %d compiles the training step: it takes longer than the others", self.first_step + 1)
 
     def learning_rate(self, step: int) -> float:
         """The rate applied at step `step` (1-based): the schedule at its last micro-iteration."""
@@ -164,15 +173,14 @@ class MetricsLogger(StepCallback):
         self._correct += stats["correct"]
         self._tokens += stats["tokens"]
         lr = self.learning_rate(step)
-        if self.progbar is not None:
-            rate = self.throughput.last_rate or 0.0
-            values = [("loss", round(stats["loss"], 4)), ("lr", float(f"{lr:.3g}")), ("tok/s", round(rate))]
-            if self.throughput.flops_per_token and self.throughput.peak_flops:
-                values.append(("MFU", round(rate * self.throughput.flops_per_token / self.throughput.peak_flops, 3)))
-            self.progbar.update(step, values=values, finalize=step == self.total_steps)
-        if step % self.log_every and step != self.total_steps:
-            return
         loss = self._nll / self._targets if self._targets else float("nan")
+        rate = self.throughput.last_rate or 0.0
+        figures = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{rate:,.0f}"}
+        if self.throughput.flops_per_token and self.throughput.peak_flops:
+            figures["MFU"] = f"{rate * self.throughput.flops_per_token / self.throughput.peak_flops:.1%}"
+        if step % self.log_every and step != self.total_steps:
+            self.progress.update(step, **figures)
+            return
         row = {"step": step, "split": "train", "loss": loss,
                "accuracy": self._correct / self._targets if self._targets else None,
                "learning_rate": lr, "tokens": self._tokens, **self.throughput.current(),
@@ -182,7 +190,11 @@ class MetricsLogger(StepCallback):
         rate = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "-"
         log.info("step %d/%d loss %.4f acc %.3f lr %.2e tokens/s %s%s", step, self.total_steps, loss,
                  row["accuracy"] or 0.0, lr, rate, mfu)
+        self.progress.update(step, **figures)
         self._nll = self._targets = self._correct = self._tokens = 0.0
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def _inference():
@@ -300,7 +312,10 @@ class Checkpointer(StepCallback):
         if not due and self.stop.signal is None:
             return
         trainer = self.model  # syncs the JAX state
-        self.saved = checkpoint.save(self.run_dir, step, self.lm, trainer.optimizer, self.state(step))
+        try:
+            self.saved = checkpoint.save(self.run_dir, step, self.lm, trainer.optimizer, self.state(step))
+        except checkpoint.NonFiniteWeights as e:
+            raise diverged(f"the weights became non-finite ({e})", step, self.run_dir) from None
         log.info("checkpoint saved: %s", self.saved)
         if self.stop.signal is not None and step != self.total_steps:
             self.stopped_at = step

@@ -1,4 +1,5 @@
-"""Training checkpoints: `run_dir/checkpoints/step_N/`, written atomically, the last `KEEP` kept.
+"""Training checkpoints: `run_dir/checkpoints/step_N/`, written atomically, verified before use, the last
+`KEEP` kept.
 
 A checkpoint directory holds
   model.safetensors       every variable of the GemmaCausalLM by its Keras path (`keyed_variables`): base weights, LoRA
@@ -10,14 +11,19 @@ A checkpoint directory holds
                           `Split.batches(batch_size, seed)`), run totals, and the global RNG states
                           of NumPy, Python and torch (on torch, Keras' unseeded dropout draws from
                           torch's global generator), the last as base64 bytes
-No pickle anywhere. A checkpoint is written into `checkpoints/.tmp-step_N-<pid>` and renamed to
-`step_N` only when complete, so a `step_N` directory is always whole.
+  checkpoint.json         written last: the size and SHA-256 of each file above (`verify` checks them)
+No pickle anywhere. A checkpoint is written into a temporary `checkpoints/.step_N.tmp-<pid>-…`, flushed
+to disk, and renamed to `step_N` only when complete; a failed write (a full disk) removes its temporary.
+`latest(run_dir)` is the newest checkpoint that verifies: a torn or truncated newer one is skipped with
+a warning naming what is wrong. Non-finite weights are never saved (`save` raises `NonFiniteWeights`).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -29,9 +35,21 @@ import numpy as np
 from keras import ops
 
 from gemma_tune.errors import CheckpointError
+from gemma_tune.tempfiles import temp_path
 
 KEEP = 2
 STEP_DIR = re.compile(r"^step_(\d+)$")
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+MANIFEST = "checkpoint.json"
+log = logging.getLogger("gemma_tune")
+
+
+class NonFiniteWeights(Exception):
+    """Trained variables hold NaN or infinity: such weights are not saved. `names` lists them."""
+
+    def __init__(self, names: list[str], total: int):
+        self.names, self.total = names, total
+        super().__init__(f"{len(names)} of {total} trained tensors are not finite (e.g. {names[0]})")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -44,8 +62,49 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint that verifies (newer ones that do not are skipped, each with a warning)."""
+    for path in reversed(checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def verify(path: Path) -> str | None:
+    """None when checkpoint `path` is whole (every file has the size and SHA-256 its checkpoint.json
+    records), else what is wrong."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is missing or unreadable (an incomplete write?)"
+    for name in FILES:
+        entry, file = recorded.get(name), path / name
+        if entry is None or not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {entry['bytes']} were written (truncated?)"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not have the content that was written (SHA-256 differs)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def nonfinite(variables) -> list[str]:
+    """Paths of the floating-point variables holding a NaN or an infinity."""
+    bad = []
+    for v in variables:
+        if "float" in str(v.dtype) and not bool(ops.convert_to_numpy(ops.all(ops.isfinite(v.value)))):
+            bad.append(v.path)
+    return bad
 
 
 def _numpy(variable) -> np.ndarray:
@@ -67,31 +126,65 @@ def keyed_variables(variables) -> dict:
 
 def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
     """Write checkpoint `step` atomically and prune to the last `KEEP`; `state` goes to state.json
-    with the global RNG states."""
+    with the global RNG states. Raises NonFiniteWeights, writing nothing, when a trained variable is
+    not finite."""
     from safetensors.numpy import save_file
 
+    bad = nonfinite(lm.trainable_variables)
+    if bad:
+        raise NonFiniteWeights(bad, len(lm.trainable_variables))
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({key: _numpy(v) for key, v in keyed_variables(lm.variables).items()}, str(tmp / "model.safetensors"))
-    save_file({key: _numpy(v) for key, v in keyed_variables(optimizer.variables).items()},
-              str(tmp / "optimizer.safetensors"))
-    full_state = dict(state, step=step, rng=global_rng_state())
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=1), encoding="utf-8")
-    if final.exists():  # a stale checkpoint of the same step (e.g. from before a resume): replace it
-        stale = root / f".stale-step_{step}-{os.getpid()}"
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, final)
+    tmp = temp_path(final)
+    try:
+        tmp.mkdir()
+        save_file({key: _numpy(v) for key, v in keyed_variables(lm.variables).items()}, str(tmp / FILES[0]))
+        save_file({key: _numpy(v) for key, v in keyed_variables(optimizer.variables).items()}, str(tmp / FILES[1]))
+        full_state = dict(state, step=step, rng=global_rng_state())
+        (tmp / FILES[2]).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+        for name in FILES + (MANIFEST,):
+            _fsync(tmp / name)
+        if final.exists():  # a stale checkpoint of the same step (e.g. from before a resume): replace it
+            stale = temp_path(final, kind="old")
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in checkpoints(run_dir)[:-KEEP]:
         shutil.rmtree(old)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_aside_invalid(run_dir: Path, valid: Path | None) -> list[Path]:
+    """Rename the checkpoints newer than `valid` (all, when None) to `checkpoints/invalid-step_N`, so that
+    a resumed run neither trusts nor prunes by them; returns the new paths."""
+    newer = checkpoints(run_dir)
+    if valid is not None:
+        newer = newer[newer.index(valid) + 1:]
+    moved = []
+    for path in newer:
+        target = path.with_name(f"invalid-{path.name}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
 
 
 def restore_variables(variables: dict, tensors: dict, where: str, hint: str) -> None:
@@ -113,21 +206,23 @@ def restore_variables(variables: dict, tensors: dict, where: str, hint: str) -> 
 
 
 def load(path: Path, lm, optimizer) -> dict:
-    """Restore the model's and optimiser's variables from checkpoint `path` and return its state.json.
-    Its `rng` entry is for `set_global_rng_state`, to apply just before the first step (Keras' own
-    set-up of `fit` draws from the global generators). A checkpoint that does not fit the run is a
-    CheckpointError."""
+    """Restore the model's and optimiser's variables from checkpoint `path` (one that `verify`d) and
+    return its state.json. Its `rng` entry is for `set_global_rng_state`, to apply just before the
+    first step (Keras' own set-up of `fit` draws from the global generators). A checkpoint that does
+    not fit the run is a CheckpointError."""
     from safetensors.numpy import load_file
 
     path = Path(path)
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"incomplete checkpoint: {name} is missing", where=str(path))
-    restore_variables(keyed_variables(lm.variables), load_file(str(path / "model.safetensors")),
-             str(path / "model.safetensors"), "another model, lora or quantize setting?")
-    restore_variables(keyed_variables(optimizer.variables), load_file(str(path / "optimizer.safetensors")), str(path / "optimizer.safetensors"),
-             "another optimizer, or other trainable weights?")
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    restore_variables(keyed_variables(lm.variables), load_file(str(path / FILES[0])), str(path / FILES[0]),
+                      "another model, lora or quantize setting?")
+    restore_variables(keyed_variables(optimizer.variables), load_file(str(path / FILES[1])), str(path / FILES[1]),
+                      "another optimizer, or other trainable weights?")
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict:
+    """state.json of checkpoint `path`."""
+    return json.loads((Path(path) / FILES[2]).read_text(encoding="utf-8"))
 
 
 def global_rng_state() -> dict:

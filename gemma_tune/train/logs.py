@@ -3,7 +3,8 @@ rows, fixed columns) and TensorBoard event files under `tensorboard/` (written w
 package's own event writer, so no backend needs TensorFlow for it).
 
 A row is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`. On resume, rows after the
-resumed step are dropped (`truncate_after`) so the files read as one uninterrupted run.
+resumed step are dropped (`truncate_after`) so the files read as one uninterrupted run; a torn last line
+of metrics.jsonl is dropped with them.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
+from gemma_tune.errors import UserError
 from gemma_tune.rundir import atomic_write_text
+
+log = logging.getLogger("gemma_tune")
 
 CSV_COLUMNS = ("step", "split", "loss", "perplexity", "accuracy", "learning_rate", "tokens", "tokens_per_s",
                "mfu", "peak_memory_gib", "elapsed_s")
@@ -39,9 +44,23 @@ class MetricsSink:
                 self._tb = EventFileWriter(str(self.run_dir / "tensorboard"))
 
     def _read_jsonl(self) -> list[dict]:
+        """The rows logged so far. A torn last line (a run killed while appending it) is dropped with a
+        warning (the file is rewritten without it on resume); a damaged line before it is a UserError."""
         if not self.jsonl.exists():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [(n, line) for n, line in enumerate(self.jsonl.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()]
+        rows = []
+        for n, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if n != lines[-1][0]:
+                    raise UserError("this line is not a JSON metrics row; the file is damaged: repair or remove "
+                                    "the line (rows after the resumed step are rewritten anyway)",
+                                    where=f"{self.jsonl}:{n}") from None
+                log.warning("%s:%d: dropped a torn last line (a run stopped while writing it)", self.jsonl, n)
+        return rows
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows up to `step` (a resumed run rewrites what came after its checkpoint)."""

@@ -1,14 +1,17 @@
 """`train(recipe, run_dir, resume)`: one SFT run in Keras' `fit`, from the model to the exports.
 
-Steps: build the model and tokenizer (build.py) -> prepare the data -> optimiser and schedule
-(optim.py) -> restore the latest checkpoint when resuming (checkpoint.py) -> `fit` over
+Steps: hold the run directory (`gemma_tune.rundir.RunDirectory`: lock, stale temporaries removed) ->
+decide whether to continue or start afresh (resume.py, before anything is built) -> build the model
+and tokenizer (build.py) -> prepare the data -> optimiser and schedule (optim.py) -> restore the
+checkpoint when continuing (checkpoint.py) -> commit the run directory (only now: the previous run's
+results moved aside on a fresh start, recipe.yaml and manifest.json written) -> `fit` over
 `(total − done) · grad_accum` micro-batches with the callbacks (callbacks.py) -> exports per
 `export.formats` into `run_dir/exports/<fmt>/` -> loss curve, summary.json.
 
-`resume`: None resumes when `run_dir/checkpoints` holds a checkpoint, True requires one, False starts
-afresh (removing the old checkpoints and metrics). A run stopped by SIGTERM/SIGINT saves a checkpoint
-and raises `TrainingInterrupted` (a KeyboardInterrupt: the CLI exits with code 130); running the same
-command again continues it.
+A problem found before the commit (a bad data row, a failed download, a refused resume) leaves the run
+directory as it was. A run stopped by SIGTERM/SIGINT saves a checkpoint and raises
+`TrainingInterrupted` (a KeyboardInterrupt: the CLI exits with code 130); running the same command again
+continues it.
 """
 
 from __future__ import annotations
@@ -16,11 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
-from gemma_tune.errors import CheckpointError
-from gemma_tune.rundir import atomic_write_text
+from gemma_tune.rundir import RunDirectory, atomic_write_text
 
 log = logging.getLogger("gemma_tune")
 
@@ -36,42 +37,23 @@ def total_steps(train, split) -> int:
     return max(1, math.ceil(train.epochs * split.steps_per_epoch(train.batch_size) / train.grad_accum))
 
 
-def _start(run_dir: Path, resume: bool | None) -> Path | None:
-    """The checkpoint to resume from, or None (clearing an old run's files when `resume` is False)."""
-    from gemma_tune.train import checkpoint
-
-    found = checkpoint.latest(run_dir)
-    if resume is True and found is None:
-        raise CheckpointError("--resume needs a checkpoint, and this run directory has none under "
-                              "checkpoints/", where=str(run_dir))
-    if resume is False:
-        for name in ("checkpoints", "tensorboard", "exports"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "metrics.csv", "samples.jsonl", "summary.json", "loss_curve.png"):
-            (run_dir / name).unlink(missing_ok=True)
-        return None
-    return found
-
-
-def _check_resumable(state: dict, recipe, where: Path) -> None:
-    data = state.get("data", {})
-    now = {"batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum, "seed": recipe.seed}
-    changed = {k: (data.get(k), v) for k, v in now.items() if data.get(k) != v}
-    if changed:
-        detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-        raise CheckpointError(f"the checkpoint was written with other data settings ({detail}); it would not "
-                              "continue the same run — restore them, or start afresh with --no-resume",
-                              where=str(where))
-
-
-def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
-    """Train per `recipe` in `run_dir`; returns {"history", "exports": {fmt: path}, "summary"}.
+def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dict:
+    """Train per `recipe` in `run_dir` (default: `recipe.output_dir`); returns {"history", "exports":
+    {fmt: path}, "summary"}. `resume`: None = continue when the directory holds this run's checkpoint,
+    True = require one (other optimisation settings allowed), False = start afresh (train/resume.py).
 
     `callbacks`: extra Keras callbacks, called after the run's own ones (micro-batch granularity).
     """
+    import keras
+
+    with RunDirectory.open(run_dir if run_dir is not None else recipe.output_dir) as held:
+        return _train(recipe, held, resume, callbacks, keras.backend.backend())
+
+
+def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     from gemma_tune.data import prepare
     from gemma_tune.models import count_params
-    from gemma_tune.train import checkpoint, measure
+    from gemma_tune.train import checkpoint, measure, resume as resuming
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
                                             RestoreRNG, StopRequest, Throughput)
@@ -81,25 +63,26 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
     from gemma_tune.train.report import plot_loss, write_summary
     from gemma_tune.train.task import CausalLMTrainer
 
-    run_dir = Path(run_dir)
-    t = recipe.train
-    resume_from = _start(run_dir, resume)
+    run_dir = held.path
+    log.info("run %s on %s -> %s", recipe.name, backend, run_dir)
+    start = resuming.plan(held, recipe, resume)
     lm, tokenizer = build_for_recipe(recipe)
     data = prepare(recipe.data, tokenizer, recipe.seed)
-    steps = total_steps(t, data.train)
-    schedule = WarmupSchedule.for_recipe(t, steps)
-    optimizer = build_optimizer(t, schedule, loss_scaling=recipe.model.dtype == "float16")
-    trainer = CausalLMTrainer(lm, chunk_size=t.loss_chunk_size, accum=t.grad_accum)
-    trainer.compile(optimizer=optimizer, jit_compile=t.jit_compile)
+    steps = total_steps(recipe.train, data.train)
+    start.check_length(steps, run_dir)
+    schedule = WarmupSchedule.for_recipe(recipe.train, steps)
+    optimizer = build_optimizer(recipe.train, schedule, loss_scaling=recipe.model.dtype == "float16")
+    trainer = CausalLMTrainer(lm, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
+    trainer.compile(optimizer=optimizer, jit_compile=recipe.train.jit_compile)
     trainer.built = True  # the wrapped model is built; nothing of its own to build
     optimizer.build(trainer.trainable_variables)
 
     done, totals, rng = 0, {"tokens": 0.0, "trained_tokens": 0.0, "seconds": 0.0}, None
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, lm, optimizer)
-        _check_resumable(state, recipe, resume_from)
+    if start.checkpoint is not None:
+        state = checkpoint.load(start.checkpoint, lm, optimizer)
         done, totals, rng = state["step"], state.get("totals", totals), state.get("rng")
-        log.info("resuming from %s (step %d of %d)", resume_from, done, steps)
+        log.info("resuming from %s (step %d of %d)", start.checkpoint, done, steps)
+    held.commit(recipe, backend, fresh=start.fresh)
     sink = MetricsSink(run_dir)
     if done:
         sink.truncate_after(done)
@@ -110,6 +93,7 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
 
     counts = count_params(lm)
     device = measure.accelerator()
+    t = recipe.train
     kw = {"accum": t.grad_accum, "first_step": done}
     throughput = Throughput(measure.flops_per_token(counts["total"], counts["trainable"], lm.architecture,
                                                     recipe.data.max_length),
@@ -125,9 +109,9 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
                            "seconds": totals["seconds"] + now["seconds"]}}
 
     checkpointer = Checkpointer(run_dir, t.save_every, steps, lm, state_for, stop, **kw)
+    logger = MetricsLogger(sink, schedule, steps, t.log_every, throughput, **kw)
     own = [RestoreRNG(rng)] if rng else []
-    own += [NonFiniteGuard(run_dir, **kw), throughput,
-           MetricsLogger(sink, schedule, steps, t.log_every, throughput, **kw),
+    own += [NonFiniteGuard(run_dir, **kw), throughput, logger,
            Evaluator(data.eval, t.batch_size, sink, t.eval_every, steps, lm=lm, tokenizer=tokenizer,
                      prompts=t.sample_prompts, run_dir=run_dir, **kw),
            checkpointer]
@@ -138,17 +122,19 @@ def train(recipe, run_dir, resume: bool | None = None, callbacks=()) -> dict:
             batches = train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done)
             with stop:
                 trainer.fit(for_fit(batches), steps_per_epoch=(steps - done) * t.grad_accum, epochs=1,
-                            verbose=0, callbacks=own + list(callbacks))
+                            verbose=0, shuffle=False, callbacks=own + list(callbacks))
         else:
             log.info("the run is already complete (step %d of %d): nothing left to train", done, steps)
     finally:
+        logger.close()
         sink.close()
 
     interrupted = checkpointer.stopped_at is not None
     exports = {} if interrupted else _export(recipe, lm, tokenizer, run_dir)
+    curve = plot_loss(sink.rows, run_dir / "loss_curve.png")
     summary = _summary(recipe, run_dir, steps, checkpointer.stopped_at or max(done, steps),
-                       checkpointer.saved or resume_from, throughput, sink, totals, exports, device)
-    plot_loss(sink.rows, run_dir / "loss_curve.png")
+                       checkpointer.saved or start.checkpoint, throughput, sink, totals, exports, device,
+                       data.stats, curve)
     print(write_summary(summary, run_dir), flush=True)
     if interrupted:
         message = (f"stopped at step {checkpointer.stopped_at} on request; checkpoint {checkpointer.saved}; "
@@ -178,7 +164,8 @@ def _export(recipe, lm, tokenizer, run_dir: Path) -> dict[str, Path]:
     return exports
 
 
-def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, totals, exports, device) -> dict:
+def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, totals, exports, device,
+             data_stats, curve) -> dict:
     import keras
 
     session = throughput.summary()
@@ -198,4 +185,6 @@ def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, 
         "eval": eval_rows[-1] if eval_rows else None,
         "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
         "exports": {fmt: str(path) for fmt, path in exports.items()},
+        "loss_curve": str(curve) if curve else None,
+        "data": data_stats,
     }

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from gemma_tune.rundir import atomic_write_text
+from gemma_tune.tempfiles import temp_path
 
 
 def plot_loss(rows: list[dict], path: Path) -> Path | None:
@@ -31,9 +32,13 @@ def plot_loss(rows: list[dict], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -54,8 +59,15 @@ def write_summary(summary: dict, run_dir: Path) -> str:
         e = summary["eval"]
         lines.append(f"  eval        loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
                      f"accuracy {e['accuracy']:.3f}")
+    train_data = (summary.get("data") or {}).get("train")
+    if train_data:
+        lines.append(f"  data        {train_data['rows']:,} rows ({train_data['invalid']} invalid skipped, "
+                     f"{train_data['truncated']} truncated, {train_data['dropped']} dropped), "
+                     f"{train_data['trained_tokens']:,} trained tokens per epoch")
     for fmt, where in summary.get("exports", {}).items():
         lines.append(f"  export      {fmt}: {where}")
+    if summary.get("loss_curve"):
+        lines.append(f"  loss curve  {summary['loss_curve']}")
     if summary.get("checkpoint"):
         lines.append(f"  checkpoint  {summary['checkpoint']}")
     return "\n".join(lines)
