@@ -39,6 +39,11 @@ if "keras" in sys.modules:  # the backend is already chosen: nothing is lost by 
     register_keras_objects()
 
 
+def __dir__() -> list[str]:
+    """The public API (the lazily imported names included), as `dir(gemma_tune)` shows it."""
+    return sorted(__all__ + ["__version__"])
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
