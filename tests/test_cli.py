@@ -18,10 +18,20 @@ def cli(*args, cwd=ROOT):
 def test_help_names_every_subcommand():
     out = cli("--help")
     assert out.returncode == 0
-    for command in ("validate", "run", "list"):
+    for command in ("validate", "run", "list", "keys", "export", "generate"):
         assert command in out.stdout
     run_help = cli("run", "--help").stdout
     assert "--backend" in run_help and "--resume" in run_help and "KEY=VALUE" in run_help
+
+
+def test_version_module_entry_point_and_public_api():
+    import gemma_tune
+
+    module = subprocess.run([sys.executable, "-m", "gemma_tune", "--version"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert module.returncode == 0 and module.stdout.strip() == f"gemma-tune {gemma_tune.__version__}"
+    assert cli("keys", "train").returncode == 0
+    assert {"run", "load_recipe", "load_model", "RunResult"} <= set(dir(gemma_tune))
 
 
 def test_list_shows_recipes_and_presets():
