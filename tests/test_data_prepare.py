@@ -183,8 +183,9 @@ def test_unreadable_sources(tok, cache, tmp_path):
         prepare(section(str(tmp_path / "absent.jsonl")), tok, seed=0, cache_dir=cache)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(DataError, match="cannot load data"):
+    with pytest.raises(DataError, match="not valid JSON") as e:
         prepare(section(str(broken), "text"), tok, seed=0, cache_dir=cache)
+    assert e.value.where == f"{broken}:2"
 
 
 def test_truncation_that_cuts_off_the_answer_is_reported(tok, cache, tmp_path, caplog):

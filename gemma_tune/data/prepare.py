@@ -3,8 +3,9 @@
 Steps: load (load.py) -> tokenise every row into ids + labels with `datasets.map` (render.py; cached
 under a fingerprint of the data, the tokenizer file and the settings; `num_proc` workers) -> report or
 skip invalid rows (file and 1-based row number) -> carve `eval_fraction` by seed -> truncate
-(right|left|drop, counted) -> pack best-fit-decreasing (or one sequence per row; preference pairs
-always one pair per row) -> arrays of the batch contract (pack.py) -> `Split`s (batches.py).
+(right|left|drop, counted; a split left without any trained token is a DataError) -> pack
+best-fit-decreasing (or one sequence per row; preference pairs always one pair per row) -> arrays of
+the batch contract (pack.py) -> `Split`s (batches.py).
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ def _truncated(ids_col, labels_col, data):
     return kept, truncated, dropped
 
 
-def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats: dict) -> Split:
-    """Truncate, pack and lay out the rows of a tokenised dataset; fills `stats`.
+def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats: dict, name: str) -> Split:
+    """Truncate, pack and lay out the rows of the tokenised dataset of split `name`; fills `stats`.
 
     `without_loss` counts sequences left with no trained target (e.g. right truncation cut the whole
-    answer off): they cost compute and teach nothing, so they are reported.
+    answer off): they cost compute and teach nothing, so they are reported; when no sequence keeps a
+    trained target the split would train (or evaluate) on nothing, a DataError.
     """
     names = ["chosen_", "rejected_"] if preference else [""]
     columns = {p: _truncated(ds[f"{p}input_ids"], ds[f"{p}labels"], data) for p in names}
@@ -122,6 +124,11 @@ def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats:
         stats["tokens"] += sum(lengths)
         stats["trained_tokens"] += int(rows["loss_mask"].sum())
         stats["without_loss"] += sum(1 for _, labels in sequences if not any(labels[1:]))
+    if stats["trained_tokens"] == 0:
+        raise DataError(f"{name}: all {stats['without_loss']} sequences lost every trained token after truncation "
+                        f"(max_length={data.max_length}, truncation={data.truncation}); raise data.max_length, use "
+                        "truncation: left (keeps the end of each sequence) or drop, or train on every token with "
+                        "loss_on: all", where=where)
     stats["rows_out"] = len(real_per_row)
     stats["packing_efficiency"] = stats["tokens"] / (len(real_per_row) * len(names) * data.max_length)
     if stats["without_loss"]:
@@ -154,7 +161,7 @@ def prepare(data, tokenizer, seed: int, cache_dir: str | None = None) -> Prepare
         if len(ds) == 0:
             raise DataError("no valid rows left after skipping invalid ones", where=where)
         stats[name] = {"rows": len(ds), "invalid": invalid}
-        splits[name] = build_split(ds, data, preference, where, stats[name])
+        splits[name] = build_split(ds, data, preference, where, stats[name], name)
     for name, s in stats.items():
         log.info("data %s: %d rows (%d invalid skipped, %d truncated, %d dropped) -> %d sequences in %d rows "
                  "of %d, %d tokens (%d trained), packing efficiency %.1f%%", name, s["rows"], s["invalid"],
