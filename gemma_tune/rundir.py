@@ -39,7 +39,7 @@ from gemma_tune.config.schema import Recipe
 from gemma_tune.console import use_console
 from gemma_tune.errors import environment_error
 from gemma_tune.runlock import LOCK_FILE, RunLock
-from gemma_tune.tempfiles import remove_stale, temp_path
+from gemma_tune.tempfiles import atomic_file, remove_stale
 
 PACKAGES = ("gemma_tune", "keras", "keras-hub", "jax", "jaxlib", "tensorflow", "torch", "numpy", "datasets",
             "safetensors", "sentencepiece", "huggingface_hub", "kagglehub", "pydantic")
@@ -233,10 +233,5 @@ def _fingerprint(path: str) -> dict:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file beside it and a rename: never half-written."""
-    tmp = temp_path(path)
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

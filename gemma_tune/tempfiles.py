@@ -13,7 +13,9 @@ import os
 import re
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -22,6 +24,19 @@ def temp_path(destination: Path, kind: str = "tmp") -> Path:
     """A fresh temporary path beside `destination`, owned by this process."""
     destination = Path(destination)
     return destination.with_name(f".{destination.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextmanager
+def atomic_file(destination: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; it replaces `destination` when the block completes, and is
+    removed if it fails: `destination` is never half-written."""
+    tmp = temp_path(destination)
+    try:
+        yield tmp
+        os.replace(tmp, destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def pid_alive(pid: int) -> bool:

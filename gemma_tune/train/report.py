@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from gemma_tune.rundir import atomic_write_text
-from gemma_tune.tempfiles import temp_path
+from gemma_tune.tempfiles import atomic_file
 
 
 def plot_loss(rows: list[dict], path: Path) -> Path | None:
@@ -32,13 +31,8 @@ def plot_loss(rows: list[dict], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = temp_path(path)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
