@@ -1,7 +1,11 @@
-"""The recipe schema: every key a recipe may hold, its type, default and allowed range.
+"""The recipe schema: every key a recipe may hold, its type, default, allowed range and meaning.
 
-The keys of ../shared/design/RECIPES.md are a contract; this module is where each is declared (search
-for a key's name here to find its meaning). Unknown keys are errors (`extra="forbid"`).
+Each key is declared here with a `description` that says what it means (units, what null means);
+`gemma-tune keys [SECTION]` prints them all (`gemma_tune.config.keys.describe_keys`). The key names and
+meanings are a contract that recipes, tests and users rely on: rename none without keeping the old name
+working. Unknown keys are errors (`extra="forbid"`); checks that span keys (files, backends, methods)
+are in `gemma_tune.config.validate`. `base:` (composition) is read before this schema applies
+(`gemma_tune.config.compose`).
 """
 
 from __future__ import annotations
@@ -22,70 +26,119 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    preset: str | None = Field(default=None, description="an architecture from configs/models/<preset>.yaml")
+    preset: str | None = Field(
+        default=None, description="an architecture from configs/models/<preset>.yaml (`gemma-tune list` shows "
+        "them); null = the architecture of model.weights, or model.architecture alone")
     architecture: dict[str, Any] | None = Field(
-        default=None, description="fields of gemma_tune.models.config.Architecture overriding the preset's")
+        default=None, description="fields of gemma_tune.models.config.Architecture (num_layers, hidden_size, ...) "
+        "overriding the preset's, or the whole architecture without a preset; null = the preset's as is")
     weights: str | None = Field(
-        default=None, description="hf://ORG/NAME, kaggle://HANDLE, a local HF checkpoint dir, a keras-hub preset "
-        "dir, a gemma_tune run dir or export; null = random init")
-    tokenizer: str | None = Field(default=None, description="a SentencePiece .model file; null = from `weights`")
+        default=None, description="the starting weights: hf://ORG/NAME, kaggle://HANDLE, a local HF checkpoint "
+        "dir, a keras-hub preset dir, a gemma_tune run dir or export; null = random init (then model.tokenizer "
+        "is required)")
+    tokenizer: str | None = Field(
+        default=None, description="a SentencePiece .model file (or an HF / keras-hub dir, hf://, kaggle:// holding "
+        "one); null = the tokenizer beside model.weights")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="bfloat16", description="compute dtype; trainable weights stay float32 when it is 16-bit")
+        default="bfloat16", description="compute dtype; trainable weights stay float32 when it is 16-bit (with "
+        "LoRA the frozen base is stored in bfloat16); float16 scales the loss and does not train with JAX on a "
+        "CPU; float32 for exactness tests")
 
 
 class LoraSection(Section):
-    rank: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    rank: int = Field(default=16, gt=0, description="LoRA rank r: each adapted [in, out] kernel W gets factors "
+                                                    "A [in, r] and B [r, out]")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA scale: the kernel computes W + (alpha / rank) · A·B")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0,
+                           description="dropout probability on the adapters' input while training; 0 = none")
     targets: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(
-        default_factory=lambda: list(LORA_TARGETS), min_length=1)
+        default_factory=lambda: list(LORA_TARGETS), min_length=1,
+        description="projections that get adapters: q, k, v, o (attention query, key, value, output) and gate, "
+        "up, down (MLP)")
 
 
 class DataSource(Section):
-    path: str = Field(description="a local file or directory (jsonl/json/parquet/csv) or a hub dataset "
-                                  "(hf://ORG/NAME or ORG/NAME)")
-    format: str = Field(description="text | prompt_completion | chat | preference")
-    split: str | None = Field(default=None, description="dataset split (hub datasets); default 'train'")
-    subset: str | None = Field(default=None, description="dataset configuration name (hub datasets)")
+    path: str = Field(description="a local file or directory (jsonl/json/parquet/csv; a directory's files all of "
+                                  "one kind, none leading outside it; a relative path is looked up in the working "
+                                  "directory, the recipe's, then the project's) or a hub dataset (hf://ORG/NAME or "
+                                  "ORG/NAME)")
+    format: str = Field(description="text | prompt_completion | chat | preference: the columns each row holds "
+                                    "(text; prompt, completion; messages; prompt, chosen, rejected)")
+    split: str | None = Field(default=None, description="dataset split to read (hub datasets); null = 'train'")
+    subset: str | None = Field(default=None,
+                               description="dataset configuration name (hub datasets); null = the default one")
     columns: dict[str, str] = Field(default_factory=dict,
-                                    description="remap columns: {expected_name: name_in_the_data}")
+                                    description="rename columns: {expected_name: name_in_the_data}; {} = the "
+                                                "data already uses the format's names")
     template: Literal["chat", "none"] = Field(
-        default="chat", description="prompt_completion: render as a chat turn pair, or concatenate raw")
+        default="chat", description="prompt_completion only: chat = render as a user/model turn pair with Gemma's "
+        "chat template; none = bos + prompt + completion + eos, concatenated raw")
 
 
 class DataSection(Section):
-    train: DataSource
-    eval: DataSource | None = None
+    train: DataSource = Field(description="the training data")
+    eval: DataSource | None = Field(default=None, description="the evaluation data; null = none, or a share of "
+                                                              "train (eval_fraction)")
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0,
-                                 description="share of train carved off (by seed) as eval when `eval` is absent")
-    max_length: int = Field(default=2048, gt=1)
-    packing: bool = True
-    loss_on: Literal["completion", "all"] = "completion"
-    truncation: Literal["right", "left", "drop"] = "right"
-    skip_invalid: bool = Field(default=False, description="skip rows that don't fit the format (counted) "
-                                                          "instead of stopping")
-    num_proc: int | None = Field(default=None, gt=0, description="tokenisation processes; null = by CPU count")
+                                 description="share of train rows carved off (by seed) as eval when `eval` is null; "
+                                             "0 = no eval split")
+    max_length: int = Field(default=2048, gt=1, description="tokens per training row (T); longer sequences are "
+                                                            "truncated as `truncation` says")
+    packing: bool = Field(default=True, description="true = pack several sequences into each row (attention never "
+                                                    "crosses them); false = one sequence per row, padded")
+    loss_on: Literal["completion", "all"] = Field(
+        default="completion", description="tokens trained on: completion = the model turns (or completions) only; "
+        "all = every token")
+    truncation: Literal["right", "left", "drop"] = Field(
+        default="right", description="a sequence longer than max_length: right = keep its start, left = keep its "
+        "end, drop = leave the row out (counted)")
+    skip_invalid: bool = Field(default=False, description="skip rows that don't fit the format (counted, with "
+                                                          "their row numbers logged) instead of stopping")
+    num_proc: int | None = Field(default=None, gt=0, description="tokenisation processes; null = 1 up to 1000 rows, "
+                                                                 "else the CPU count, at most 4")
 
 
 class TrainSection(Section):
-    max_steps: int | None = Field(default=None, gt=0)
-    epochs: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
-    learning_rate: float = Field(default=2.0e-4, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    remat: bool = False
-    eval_every: int | None = Field(default=None, gt=0)
-    save_every: int | None = Field(default=None, gt=0)
-    log_every: int = Field(default=10, gt=0)
-    loss_chunk_size: int = Field(default=1024, gt=0, description="tokens per chunk of the chunked loss")
-    jit_compile: bool | Literal["auto"] = "auto"
+    max_steps: int | None = Field(default=None, gt=0, description="optimisation steps to train; wins over epochs; "
+                                                                  "null = as many as `epochs` take")
+    epochs: float | None = Field(default=None, gt=0, description="passes over the training rows (fractions allowed), "
+                                                                 "used when max_steps is null; null = 1")
+    batch_size: int = Field(default=8, gt=0, description="rows of max_length tokens per micro-batch (preference "
+                                                         "methods: pairs)")
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches whose gradients are averaged per "
+                                                         "optimisation step (effective batch = batch_size × "
+                                                         "grad_accum)")
+    optimizer: Literal["adamw", "adafactor", "sgd"] = Field(default="adamw", description="the Keras optimizer")
+    learning_rate: float = Field(default=2.0e-4, gt=0, description="peak learning rate, reached after warmup_steps")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine", description="learning rate after warmup: constant, or decaying to 0 at the last step "
+        "(linear, cosine)")
+    warmup_steps: int = Field(default=0, ge=0, description="optimisation steps of linear warmup to learning_rate "
+                                                           "(fewer than max_steps); 0 = none")
+    weight_decay: float = Field(default=0.0, ge=0, description="decoupled weight decay: each step a weight shrinks "
+                                                               "by learning rate × weight_decay × itself (norm "
+                                                               "scales and biases excluded); 0 = none")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm to this; "
+                                                                       "null = no clipping")
+    remat: bool = Field(default=False, description="recompute each block in the backward pass: less memory, more "
+                                                   "compute")
+    eval_every: int | None = Field(default=None, gt=0, description="optimisation steps between evaluations (and "
+                                                                   "sample_prompts), and at the last step; null = "
+                                                                   "at the last step only")
+    save_every: int | None = Field(default=None, gt=0, description="optimisation steps between checkpoints (the last "
+                                                                   "2 kept); one is also saved at the last step and on "
+                                                                   "SIGTERM/SIGINT; null = only those")
+    log_every: int = Field(default=10, gt=0, description="optimisation steps between metric rows (metrics.jsonl, "
+                                                         "TensorBoard)")
+    loss_chunk_size: int = Field(default=1024, gt=0, description="tokens per chunk of the chunked loss: the logits "
+                                                                 "of this many tokens exist at once (smaller = less "
+                                                                 "memory)")
+    jit_compile: bool | Literal["auto"] = Field(default="auto", description="compile the train step with XLA (Keras' "
+                                                                           "jit_compile); auto = Keras' choice for "
+                                                                           "the backend")
     sample_prompts: list[str] = Field(default_factory=list,
-                                      description="prompts sampled at each eval into the run directory")
+                                      description="prompts completed greedily at each evaluation, written to "
+                                                  "samples.jsonl in the run directory; [] = none")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":
@@ -95,29 +148,45 @@ class TrainSection(Section):
 
 
 class PreferenceSection(Section):
-    beta: float = Field(default=0.1, gt=0)
+    beta: float = Field(default=0.1, gt=0, description="DPO/IPO β (SimPO β, ORPO λ) of the preference methods "
+                                                       "(not available yet)")
     gamma: float = Field(default=0.5, ge=0, description="SimPO target margin (absolute, not gamma/beta)")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5,
+                                   description="conservative DPO ε: the share of preference labels taken as flipped; "
+                                               "0 = none")
 
 
 class ExportSection(Section):
-    formats: list[Literal["keras", "safetensors", "peft"]] = Field(default_factory=list)
-    merge_lora: bool = True
-    dtype: Literal["float32", "bfloat16"] | None = Field(default=None, description="null = the model's dtype")
+    formats: list[Literal["keras", "safetensors", "peft"]] = Field(
+        default_factory=list, description="written into the run's exports/<format>/ after training: keras "
+        "(model.keras + keras-hub preset), safetensors (Hugging Face checkpoint), peft (LoRA adapters); [] = none")
+    merge_lora: bool = Field(default=True, description="fold the LoRA adapters into the exported weights; false "
+                                                       "exports the base alone (safetensors; keras refuses; peft "
+                                                       "always writes the adapters)")
+    dtype: Literal["float32", "bfloat16"] | None = Field(default=None, description="dtype of the exported weights; "
+                                                                                   "null = the model's dtype")
 
 
 class Recipe(Section):
-    name: str = Field(min_length=1)
-    description: str | None = None
+    name: str = Field(min_length=1, description="the run's name (output_dir defaults to runs/<name>)")
+    description: str | None = Field(default=None, description="free text about the recipe; null = none")
     backend: Literal["jax", "tensorflow", "torch"] | None = Field(
-        default=None, description="null = KERAS_BACKEND from the environment, else jax; CLI --backend wins")
-    seed: int = 0
-    output_dir: str | None = Field(default=None, description="the run directory; null = runs/<name>")
-    model: ModelSection
-    method: str = "sft"
-    lora: LoraSection | None = None
-    quantize: Literal["int8", "int4"] | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
-    preference: PreferenceSection = Field(default_factory=PreferenceSection)
-    export: ExportSection = Field(default_factory=ExportSection)
+        default=None, description="Keras backend; null = KERAS_BACKEND from the environment, else jax; CLI "
+        "--backend wins")
+    seed: int = Field(default=0, description="seeds the data order, the eval_fraction carve, initialisation and "
+                                             "dropout")
+    output_dir: str | None = Field(default=None, description="the run directory (relative to the working "
+                                                             "directory); null = runs/<name>")
+    model: ModelSection = Field(description="the model to fine-tune: architecture, weights, tokenizer, dtype")
+    method: str = Field(default="sft", description="training method: sft (dpo, ipo, simpo, orpo and reward are "
+                                                   "planned)")
+    lora: LoraSection | None = Field(default=None, description="LoRA adapters to train; absent or null = full "
+                                                               "fine-tuning")
+    quantize: Literal["int8", "int4"] | None = Field(
+        default=None, description="quantise the frozen base kernels (QLoRA; needs lora); null = not quantised")
+    data: DataSection = Field(description="training and evaluation data, and how it becomes rows")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimisation, schedule, evaluation, "
+                                                                          "checkpoints and logging")
+    preference: PreferenceSection = Field(default_factory=PreferenceSection,
+                                          description="settings of the preference methods (not available yet)")
+    export: ExportSection = Field(default_factory=ExportSection, description="what is exported after training")
