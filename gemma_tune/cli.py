@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", required=True, choices=("keras", "safetensors", "peft"),
                    help="keras: .keras archive + keras-hub preset; safetensors: Hugging Face checkpoint; "
                         "peft: the LoRA adapters alone")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force; never "
+                                                "the source, inside it or around it, nor inside a run directory "
+                                                "except below RUN/exports/)")
     merge = p.add_mutually_exclusive_group()
     merge.add_argument("--merge-lora", dest="merge_lora", action="store_true", default=True,
                        help="fold LoRA adapters into the weights, exactly in float32 (default)")
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: float32, the dtype it is loaded in)")
     p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--base-model", default=None, metavar="NAME_OR_PATH",
+                   help="peft: the base model the adapter applies to (hub id ORG/NAME, hf://ORG/NAME or a local "
+                        "directory; default: what SOURCE was trained from, when known)")
     _add_backend(p)
     p.set_defaults(handler=_export)
 
@@ -136,12 +141,15 @@ def _export(args: argparse.Namespace) -> int:
     from gemma_tune.backend import select_backend
 
     select_backend(args.backend)
-    from gemma_tune.export import export_model
+    from gemma_tune.checkpoints.sources import resolve_source
+    from gemma_tune.export import check_output, export_model
     from gemma_tune.loading import load_model_and_tokenizer
 
+    source_dir = resolve_source(args.source)
+    check_output(args.out, force=args.force, source_dir=source_dir)  # before the (long) loading
     model, tokenizer = load_model_and_tokenizer(args.source, preset=args.preset)
     out = export_model(model, tokenizer, args.out, args.fmt, merge_lora=args.merge_lora, dtype=args.dtype,
-                       force=args.force)
+                       force=args.force, base_model=args.base_model, source_dir=source_dir)
     print(f"exported {args.source} as {args.fmt} -> {out}")
     return 0
 

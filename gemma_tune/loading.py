@@ -45,6 +45,12 @@ def _meaning(arch) -> dict:
             "use_qk_norm": arch.use_qk_norm}
 
 
+def enclosing_run_dir(path: str | Path) -> Path | None:
+    """The gemma_tune run directory that `path` (resolved) is or lies inside, if any."""
+    path = Path(path).expanduser().resolve()
+    return next((p for p in (path, *path.parents) if _is_run_dir(p)), None)
+
+
 def _check_preset(arch, preset: str | None, where: str):
     """The architecture to build: the checkpoint's, or the preset's when they compute the same."""
     if preset is None:
