@@ -107,18 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from gemma_tune.config import load_recipe, recipe_architecture
+    from gemma_tune.config import load_recipe
+    from gemma_tune.config.validate import known_architecture
 
     recipe = load_recipe(args.recipe, args.overrides)
     backend = args.backend or recipe.backend
-    arch = recipe_architecture(recipe)
+    arch = known_architecture(recipe)
+    shape = (f"{arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}" if arch is not None
+             else "architecture read from the checkpoint once downloaded")
+    name = recipe.model.preset or ("custom" if recipe.model.architecture else "from the checkpoint")
     lora = (f"LoRA rank {recipe.lora.rank} on {','.join(recipe.lora.targets)}" if recipe.lora
             else "full fine-tuning")
     length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs")
     print(f"{args.recipe}: OK")
     print(f"  run      {recipe.name} -> {recipe.output_dir} (backend {backend or 'from KERAS_BACKEND, else jax'})")
-    print(f"  model    {recipe.model.preset or 'custom'} ({arch.family}, {arch.num_layers} layers, "
-          f"hidden {arch.hidden_size}) weights={recipe.model.weights or 'random init'} dtype={recipe.model.dtype}")
+    print(f"  model    {name} ({shape}) weights={recipe.model.weights or 'random init'} dtype={recipe.model.dtype}")
     print(f"  method   {recipe.method}, {lora}" + (f", base quantised {recipe.quantize}" if recipe.quantize else ""))
     print(f"  data     {recipe.data.train.format}: {recipe.data.train.path} (max_length {recipe.data.max_length}, "
           f"packing {'on' if recipe.data.packing else 'off'})")

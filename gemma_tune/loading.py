@@ -12,20 +12,30 @@ the directory holds:
     (`checkpoints/step_N/model.safetensors`, keyed by Keras variable path) restored onto the model its
     recipe builds — base weights, quantisation and LoRA adapters as trained, unmerged — or, without a
     checkpoint, its exports in the order of `RUN_EXPORTS`.
-`preset` names a configs/models preset: its architecture must agree with the checkpoint's (a
-CheckpointError says which fields differ) and is the one used, which lets a preset supply fields a
-checkpoint does not record.
+`preset` names a configs/models preset, `architecture` is the one a recipe states (`recipe_architecture`):
+either must compute the same decoder as the checkpoint (a CheckpointError says which fields differ, which
+preset matches the checkpoint, if any, and what to change) and is then the one used, which lets a preset
+supply fields a checkpoint does not record (max_position_embeddings).
+
+`source_architecture(source)` reads the architecture of a local source from its config files alone (no
+weights, no downloads), as recipe validation needs it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from gemma_tune.errors import CheckpointError
+from gemma_tune.models.config import Architecture
 
 RUN_EXPORTS = ("exports/safetensors", "exports/keras")
+NOT_A_CHECKPOINT = ("not a checkpoint: expected config.json + *.safetensors (Hugging Face), adapter_config.json "
+                    "(PEFT), config.json naming a keras-hub class (keras-hub preset or keras export), or a "
+                    "gemma_tune run directory")
 DECODER_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim")
+PER_LAYER = ("sliding layers", "rope (theta, scaling) per layer")  # left out of a message when num_layers differ
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -51,54 +61,105 @@ def enclosing_run_dir(path: str | Path) -> Path | None:
     return next((p for p in (path, *path.parents) if _is_run_dir(p)), None)
 
 
-def _check_preset(arch, preset: str | None, where: str):
-    """The architecture to build: the checkpoint's, or the preset's when they compute the same."""
+def matching_presets(arch: Architecture) -> list[str]:
+    """The text-model presets of configs/models that compute the same decoder as `arch`."""
+    from gemma_tune.config.presets import preset_architecture, preset_names
+
+    meaning = _meaning(arch)
+    return [name for name in preset_names()
+            if not name.startswith("paligemma") and _meaning(preset_architecture(name)) == meaning]
+
+
+def architecture_mismatch(checkpoint: Architecture, stated: Architecture, stated_as: str, *,
+                          recipe: bool) -> str | None:
+    """None when `stated` computes the same decoder as `checkpoint`, else what differs, which preset
+    matches the checkpoint and how to fix it: as recipe keys (`recipe`) or as a preset to name."""
+    mine, theirs = _meaning(checkpoint), _meaning(stated)
+    label = "recipe" if recipe else "preset"
+    keys = [k for k in mine if mine[k] != theirs[k]]
+    if "num_layers" in keys:
+        keys = [k for k in keys if k not in PER_LAYER]
+    if not keys:
+        return None
+    differ = [f"{k}: checkpoint {mine[k]!r} vs {label} {theirs[k]!r}" for k in keys]
+    matches = matching_presets(checkpoint)
+    found = f"it matches preset {' or '.join(matches)}" if matches else "no configs/models preset matches it"
+    if recipe:
+        use = (f"set `model.preset: {matches[0]}` without model.architecture (override `model.preset={matches[0]} "
+               "model.architecture=null`), or " if matches else "")
+        fix = (f"{use}take the architecture from the checkpoint with `model.preset=null model.architecture=null`; "
+               "a configs/models/*.yaml file in the recipe's `base:` sets both keys (overriding model.weights alone "
+               "keeps its preset): remove it from `base:` or override both keys")
+    else:
+        fix = (f"use preset {matches[0]}, or " if matches else "") + ("give no preset to use the checkpoint's own "
+                                                                      "architecture")
+    return f"the checkpoint does not match {stated_as} ({'; '.join(differ)}); {found}. To fix: {fix}"
+
+
+class _Stated(NamedTuple):
+    """An architecture the caller states, which the checkpoint must compute (see the module docstring)."""
+
+    architecture: Architecture
+    name: str
+    recipe: bool
+
+
+def _stated(preset: str | None, architecture: Architecture | None) -> _Stated | None:
+    if preset is not None and architecture is not None:
+        raise ValueError("give a preset or an architecture, not both")
+    if architecture is not None:
+        return _Stated(architecture, "the recipe's model.preset / model.architecture", True)
     if preset is None:
-        return arch
+        return None
     from gemma_tune.config.presets import preset_architecture
 
-    expected = preset_architecture(preset)
-    mine, theirs = _meaning(arch), _meaning(expected)
-    differ = [f"{k}: checkpoint {mine[k]!r} vs preset {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
-    if differ:
-        raise CheckpointError(f"the checkpoint does not match preset {preset!r} ({'; '.join(differ)})", where=where)
-    return expected
+    return _Stated(preset_architecture(preset), f"preset {preset!r}", False)
 
 
-def _load_dir(path: Path, preset: str | None, dtype: str, where: str):
+def _check(arch, stated: _Stated | None, where: str):
+    """The architecture to build: the checkpoint's, or the stated one when they compute the same."""
+    if stated is None:
+        return arch
+    problem = architecture_mismatch(arch, stated.architecture, stated.name, recipe=stated.recipe)
+    if problem:
+        raise CheckpointError(problem, where=where)
+    return stated.architecture
+
+
+def _load_dir(path: Path, stated: _Stated | None, dtype: str, where: str):
     from gemma_tune.checkpoints.hf import is_hf_checkpoint, load_hf_checkpoint
     from gemma_tune.checkpoints.hf_config import read_hf_architecture
     from gemma_tune.checkpoints.keras_hub import is_keras_hub_preset, load_keras_hub_preset
     from gemma_tune.checkpoints.peft import adapter_base, is_peft_adapter, load_peft_adapter
+    from gemma_tune.checkpoints.sources import resolve_source
 
     if is_peft_adapter(path):
-        model = load_model(adapter_base(path), preset=preset, dtype=dtype)
+        base = adapter_base(path)
+        model = _load(resolve_source(base), base, stated, dtype)
         load_peft_adapter(model, path)
         return model
     if is_hf_checkpoint(path):
-        arch = _check_preset(read_hf_architecture(path), preset, where)
+        arch = _check(read_hf_architecture(path), stated, where)
         return load_hf_checkpoint(path, dtype=dtype, architecture=arch)
     if is_keras_hub_preset(path):  # also a keras export: model.keras beside the preset files
         model, _ = load_keras_hub_preset(path, dtype)
-        _check_preset(model.architecture, preset, where)
+        _check(model.architecture, stated, where)
         return model
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):  # a directory holding one checkpoint
         if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
-            return _load_dir(sub, preset, dtype, where)
+            return _load_dir(sub, stated, dtype, where)
     if _is_run_dir(path):
         from gemma_tune.train.checkpoint import latest
 
         found = latest(path)
         if found is not None:
-            return _load_run_checkpoint(path, found, preset, dtype)
+            return _load_run_checkpoint(path, found, stated, dtype)
         for export in RUN_EXPORTS:
             if (path / export).is_dir():
-                return _load_dir(path / export, preset, dtype, where)
+                return _load_dir(path / export, stated, dtype, where)
         raise CheckpointError(f"this run directory has no export yet (looked for {', '.join(RUN_EXPORTS)}); "
                               "export it or let the run finish", where=where)
-    raise CheckpointError("not a checkpoint: expected config.json + *.safetensors (Hugging Face), "
-                          "adapter_config.json (PEFT), config.json naming a keras-hub class (keras-hub preset or "
-                          "keras export), or a gemma_tune run directory", where=where)
+    raise CheckpointError(NOT_A_CHECKPOINT, where=where)
 
 
 def run_recipe(run_dir: Path):
@@ -115,7 +176,42 @@ def run_recipe(run_dir: Path):
         raise CheckpointError(f"not a readable resolved recipe ({e})", where=str(path)) from e
 
 
-def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None, dtype: str):
+def source_architecture(source) -> Architecture | None:
+    """The architecture the weights at `source` hold, read from config files alone (nothing downloaded, no
+    weights read), dispatched as `load_model` does: an HF config.json, a keras-hub config.json, a PEFT
+    adapter's base, a run directory's recipe (or its `model.weights`). None for `hf://` / `kaggle://`
+    sources (and adapters whose base is one): their architecture is known once they are downloaded.
+    CheckpointError for a local directory that holds no readable checkpoint."""
+    from gemma_tune.checkpoints.hf import is_hf_checkpoint
+    from gemma_tune.checkpoints.hf_config import read_config_file, read_hf_architecture
+    from gemma_tune.checkpoints.keras_hub import CONFIG_FILE, architecture_from_keras_hub, is_keras_hub_preset
+    from gemma_tune.checkpoints.peft import adapter_base, is_peft_adapter
+    from gemma_tune.checkpoints.sources import resolve_source
+    from gemma_tune.config.paths import is_remote
+
+    if is_remote(str(source)):
+        return None
+    path = resolve_source(source)
+    if is_peft_adapter(path):
+        return source_architecture(adapter_base(path))
+    if is_hf_checkpoint(path):
+        return read_hf_architecture(path)
+    if is_keras_hub_preset(path):
+        config = read_config_file(path / CONFIG_FILE)
+        return architecture_from_keras_hub(config["class_name"], config.get("config", {}), str(path / CONFIG_FILE))
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
+            return source_architecture(sub)
+    if _is_run_dir(path):
+        from gemma_tune.config import recipe_architecture
+
+        recipe = run_recipe(path)
+        stated = recipe_architecture(recipe)
+        return source_architecture(recipe.model.weights) if stated is None else stated
+    raise CheckpointError(NOT_A_CHECKPOINT, where=str(source))
+
+
+def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, stated: _Stated | None, dtype: str):
     """The model a run trained, as of `checkpoint_dir`: built as its recipe says, variables restored."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -128,10 +224,10 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None
     recipe = run_recipe(run_dir)
     where = str(checkpoint_dir / "model.safetensors")
     if recipe.model.weights is not None:  # the base's architecture (and file layout) come from its weights
-        model = load_model(recipe.model.weights, preset=recipe.model.preset, dtype=dtype)
+        model = load_model(recipe.model.weights, dtype=dtype, architecture=recipe_architecture(recipe))
     else:
         model = build_model(recipe_architecture(recipe), dtype=dtype)
-    _check_preset(model.architecture, preset, str(run_dir))
+    _check(model.architecture, stated, str(run_dir))
     add_recipe_adapters(model, recipe)
     model.checkpoint_source = recipe.model.weights or ""  # a random-init base has no source
     try:
@@ -143,32 +239,36 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, preset: str | None
     return model
 
 
-def load_model(source, preset: str | None = None, dtype: str = "float32"):
+def load_model(source, preset: str | None = None, dtype: str = "float32", *,
+               architecture: Architecture | None = None):
     """A `GemmaCausalLM` from `source` (see the module docstring). `dtype` is the Keras dtype policy
-    ("float32", "bfloat16", "mixed_bfloat16").
+    ("float32", "bfloat16", "mixed_bfloat16"). `preset` (a configs/models name) or `architecture` (what a
+    recipe states, `recipe_architecture(recipe)`) is what the checkpoint must compute.
 
     The model records `checkpoint_source`: the base weights a PEFT export of it applies to (the source
-    itself; for a PEFT adapter its base; for a run directory its recipe's `model.weights`)."""
+    itself; for a PEFT adapter its base; for a run directory its recipe's `model.weights`, "" when that
+    was a random init)."""
     from gemma_tune.checkpoints.sources import resolve_source
 
-    return _load(resolve_source(source), source, preset, dtype)
+    return _load(resolve_source(source), source, _stated(preset, architecture), dtype)
 
 
-def _load(path: Path, source, preset: str | None, dtype: str):
-    model = _load_dir(path, preset, dtype, where=str(source))
+def _load(path: Path, source, stated: _Stated | None, dtype: str):
+    model = _load_dir(path, stated, dtype, where=str(source))
     if not hasattr(model, "checkpoint_source"):
         model.checkpoint_source = str(source)
     return model
 
 
-def load_model_and_tokenizer(source, preset: str | None = None, dtype: str = "float32", tokenizer=None):
-    """(model, tokenizer): the tokenizer from `tokenizer` when given, else found next to the weights
-    (for a run directory: its recipe's tokenizer)."""
+def load_model_and_tokenizer(source, preset: str | None = None, dtype: str = "float32", tokenizer=None, *,
+                             architecture: Architecture | None = None):
+    """(model, tokenizer): `load_model`'s model; the tokenizer from `tokenizer` when given, else found next
+    to the weights (for a run directory: its recipe's tokenizer)."""
     from gemma_tune.checkpoints.sources import resolve_source
     from gemma_tune.tokenizer import load_tokenizer
 
     path = resolve_source(source)
-    model = _load(path, source, preset, dtype)
+    model = _load(path, source, _stated(preset, architecture), dtype)
     if tokenizer is None and _is_run_dir(path):
         recipe = run_recipe(path)
         tokenizer = recipe.model.tokenizer or recipe.model.weights

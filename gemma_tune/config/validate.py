@@ -1,6 +1,7 @@
 """Recipe loading and validation: composed YAML -> a typed `Recipe`, or one `ConfigError` that lists
 every problem with the file that set it, the key path and what was expected. Nothing is built here:
-all checks run before any model or data is touched."""
+all checks run before any model or data is touched (of local `model.weights` only the config files are
+read, to know the architecture; hf:// and kaggle:// weights are not downloaded)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 from gemma_tune.config import presets, schema
 from gemma_tune.config.compose import Provenance, compose_file, deep_merge, parse_overrides
 from gemma_tune.config.paths import is_remote, resolve_existing
-from gemma_tune.errors import ConfigError
+from gemma_tune.errors import CheckpointError, ConfigError
+from gemma_tune.loading import architecture_mismatch, source_architecture
 from gemma_tune.models.config import Architecture
 
 Problem = tuple[tuple[str, ...], str]
@@ -58,12 +60,27 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
     return recipe
 
 
-def recipe_architecture(recipe: schema.Recipe) -> Architecture:
-    """The model architecture a (validated) recipe names: its preset with `model.architecture` applied."""
+def recipe_architecture(recipe: schema.Recipe) -> Architecture | None:
+    """The model architecture a (validated) recipe states: its preset with `model.architecture` applied, or
+    `model.architecture` alone; None when it states neither (only `model.weights`: the architecture is the
+    checkpoint's, `known_architecture`). With weights, a stated architecture must compute the checkpoint's
+    decoder (checked here for local weights, when loading for all)."""
     overrides = recipe.model.architecture or {}
     if recipe.model.preset:
         return presets.preset_architecture(recipe.model.preset, **overrides)
+    if recipe.model.architecture is None:
+        return None
     return Architecture(**overrides)
+
+
+def known_architecture(recipe: schema.Recipe) -> Architecture | None:
+    """The architecture a validated recipe trains, as far as it is known without downloading anything: the
+    one it states, else that of its local `model.weights` (read from config files), else None (hf:// or
+    kaggle:// weights)."""
+    stated = recipe_architecture(recipe)
+    if stated is not None or recipe.model.weights is None:
+        return stated
+    return source_architecture(recipe.model.weights)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,6 +96,16 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
             add("method", f"unknown method '{recipe.method}'{_suggest(recipe.method, schema.METHODS + schema.PLANNED_METHODS)}"
                           f"; expected one of: {', '.join(schema.METHODS)}")
 
+    for key in ("weights", "tokenizer"):
+        value = getattr(recipe.model, key)
+        if value is None:
+            continue
+        resolved = _resolve_local(value, recipe_dir, looks_local=True)
+        if resolved is False and check_files:
+            what = "checkpoint directory" if key == "weights" else "SentencePiece model file"
+            add(f"model.{key}", f"{what} '{value}' not found (expected hf://ORG/NAME, kaggle://HANDLE or a local path)")
+        elif isinstance(resolved, Path):
+            setattr(recipe.model, key, str(resolved))
     problems += _check_model(recipe)
     for split in ("train", "eval"):
         source = getattr(recipe.data, split)
@@ -100,16 +127,6 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
     if recipe.data.eval is not None and recipe.data.eval_fraction > 0:
         add("data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
 
-    for key in ("weights", "tokenizer"):
-        value = getattr(recipe.model, key)
-        if value is None:
-            continue
-        resolved = _resolve_local(value, recipe_dir, looks_local=True)
-        if resolved is False and check_files:
-            what = "checkpoint directory" if key == "weights" else "SentencePiece model file"
-            add(f"model.{key}", f"{what} '{value}' not found (expected hf://ORG/NAME, kaggle://HANDLE or a local path)")
-        elif isinstance(resolved, Path):
-            setattr(recipe.model, key, str(resolved))
     if recipe.model.weights is None and recipe.model.tokenizer is None:
         add("model.tokenizer", "a randomly initialised model (model.weights: null) needs model.tokenizer: "
                                "a SentencePiece .model file")
@@ -131,8 +148,9 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
 
 def _check_model(recipe: schema.Recipe) -> list[Problem]:
     model = recipe.model
-    if model.preset is None and model.architecture is None:
-        return [(("model", "preset"), "expected a model preset (see `gemma-tune list`) or model.architecture")]
+    if model.preset is None and model.architecture is None and model.weights is None:
+        return [(("model", "preset"), "expected a model preset (see `gemma-tune list`) or model.architecture for a "
+                 "randomly initialised model, or model.weights to take the architecture from a checkpoint")]
     if model.preset is not None and model.preset not in presets.preset_names():
         return [(("model", "preset"), f"unknown model preset '{model.preset}'"
                  f"{_suggest(model.preset, presets.preset_names())}; run `gemma-tune list` for all")]
@@ -144,10 +162,34 @@ def _check_model(recipe: schema.Recipe) -> list[Problem]:
     except ValidationError as e:
         return [(("model", "architecture") + path, msg) for path, msg in
                 (_describe(err, model.architecture or {}, Architecture) for err in e.errors())]
-    if recipe.data.max_length > arch.max_position_embeddings:
+    if model.weights is not None and not is_remote(model.weights) and Path(model.weights).exists():
+        try:  # local weights: their config says what they compute
+            found = source_architecture(model.weights)
+        except CheckpointError as e:
+            return [(("model", "weights"), str(e))]
+        problem = _weights_mismatch(recipe, found, arch)
+        if problem is not None:
+            return [problem]
+        arch = found if arch is None else arch
+    if arch is not None and recipe.data.max_length > arch.max_position_embeddings:
         return [(("data", "max_length"), f"expected at most the model's context of {arch.max_position_embeddings} "
                  f"tokens, got {recipe.data.max_length}")]
     return []
+
+
+def _weights_mismatch(recipe: schema.Recipe, found: Architecture | None, stated: Architecture | None) -> Problem | None:
+    """A problem when the decoder the recipe states (its preset / model.architecture) is not the one its
+    weights compute (`found`); None when they agree or either is unknown."""
+    if found is None or stated is None:
+        return None
+    if recipe.model.preset:
+        key = "preset"
+        stated_as = f"model.preset '{recipe.model.preset}'" + (" with model.architecture" if recipe.model.architecture
+                                                               else "")
+    else:
+        key, stated_as = "architecture", "model.architecture"
+    problem = architecture_mismatch(found, stated, stated_as, recipe=True)
+    return None if problem is None else (("model", key), problem)
 
 
 def _looks_like_file(value: str) -> bool:

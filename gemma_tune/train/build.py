@@ -6,6 +6,11 @@ variables, bfloat16 compute) for full fine-tuning, "bfloat16" with LoRA (the fro
 bfloat16, half the memory; Keras keeps the adapters, the only trained weights, in float32);
 float16 -> "mixed_float16" (and the optimiser scales the loss).
 QLoRA = `quantize: int8|int4` with `lora:`: base kernels quantised first, then float32 adapters on them.
+
+With `model.weights`, the architecture is the checkpoint's; one the recipe also states (its preset with
+`model.architecture` applied) must compute the same decoder, on every kind of source (`hf://` included,
+checked once downloaded), and is then the one used. A tokenizer larger than the model's vocabulary is an
+error; a smaller one is logged (the embedding rows above it are never produced by the tokenizer).
 """
 
 from __future__ import annotations
@@ -46,11 +51,17 @@ def build_for_recipe(recipe):
     else:
         from gemma_tune.loading import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(recipe.model.weights, preset=recipe.model.preset,
-                                                    dtype=policy, tokenizer=recipe.model.tokenizer)
-    if tokenizer.vocab_size > model.architecture.vocab_size:
+        model, tokenizer = load_model_and_tokenizer(recipe.model.weights, dtype=policy,
+                                                    tokenizer=recipe.model.tokenizer,
+                                                    architecture=recipe_architecture(recipe))
+    vocab = model.architecture.vocab_size
+    if tokenizer.vocab_size > vocab:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                          f"{model.architecture.vocab_size}", where="model.tokenizer")
+                          f"{vocab}", where="model.tokenizer")
+    if tokenizer.vocab_size < vocab:
+        log.warning("the model's vocabulary has %d rows but the tokenizer %d tokens: embedding rows at ids >= %d "
+                    "are never produced by the tokenizer (expected for Gemma 3 multimodal checkpoints, whose extra "
+                    "rows are image tokens)", vocab, tokenizer.vocab_size, tokenizer.vocab_size)
     add_recipe_adapters(model, recipe)
     model.remat = recipe.train.remat
     counts = count_params(model)
