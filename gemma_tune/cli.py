@@ -107,11 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    import os
+
     from gemma_tune.config import load_recipe
-    from gemma_tune.config.validate import known_architecture
+    from gemma_tune.config.validate import check_backend_support, known_architecture
 
     recipe = load_recipe(args.recipe, args.overrides)
-    backend = args.backend or recipe.backend
+    backend = args.backend or recipe.backend or os.environ.get("KERAS_BACKEND") or "jax"  # as `run` chooses
+    check_backend_support(recipe, backend)
     arch = known_architecture(recipe)
     shape = (f"{arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}" if arch is not None
              else "architecture read from the checkpoint once downloaded")
@@ -120,7 +123,7 @@ def _validate(args: argparse.Namespace) -> int:
             else "full fine-tuning")
     length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs")
     print(f"{args.recipe}: OK")
-    print(f"  run      {recipe.name} -> {recipe.output_dir} (backend {backend or 'from KERAS_BACKEND, else jax'})")
+    print(f"  run      {recipe.name} -> {recipe.output_dir} (backend {backend})")
     print(f"  model    {name} ({shape}) weights={recipe.model.weights or 'random init'} dtype={recipe.model.dtype}")
     print(f"  method   {recipe.method}, {lora}" + (f", base quantised {recipe.quantize}" if recipe.quantize else ""))
     print(f"  data     {recipe.data.train.format}: {recipe.data.train.path} (max_length {recipe.data.max_length}, "

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gemma_tune.config import load_recipe, recipe_architecture
+from gemma_tune.cli import main
+from gemma_tune.config import load_recipe, recipe_architecture, validate
 from gemma_tune.config.presets import preset_architecture, preset_names
+from gemma_tune.config.validate import check_backend_support
 from gemma_tune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,3 +176,37 @@ def test_missing_recipe_file(tmp_path):
 def test_bundled_recipes_validate(recipe):
     loaded = load_recipe(recipe)
     assert loaded.method == "sft"
+
+
+# ---- what the chosen backend can run ----
+
+@pytest.mark.parametrize("backend,platform,refused", [
+    ("jax", "cpu", True), ("jax", "gpu", False), ("tensorflow", "cpu", False), ("torch", "cpu", False)])
+def test_float16_is_refused_only_where_it_cannot_train(workspace, monkeypatch, backend, platform, refused):
+    tmp, data = workspace
+    monkeypatch.setattr(validate, "jax_platform", lambda: platform)
+    data["model"]["dtype"] = "float16"
+    recipe = load_recipe(write(tmp / "r.yaml", data))
+    if refused:
+        with pytest.raises(ConfigError, match="expected model.dtype: bfloat16 or float32") as info:
+            check_backend_support(recipe, backend)
+        assert info.value.where == "model.dtype"
+    else:
+        check_backend_support(recipe, backend)
+    for dtype in ("float32", "bfloat16"):
+        recipe.model.dtype = dtype
+        check_backend_support(recipe, backend)
+
+
+def test_cli_validate_checks_the_backend_it_would_use(workspace, monkeypatch, capsys):
+    tmp, data = workspace
+    monkeypatch.setattr(validate, "jax_platform", lambda: "cpu")
+    path = write(tmp / "r.yaml", data)
+    assert main(["validate", str(path), "--backend", "jax", "model.dtype=float16"]) == 2
+    assert "model.dtype: float16 does not train with the JAX backend on a CPU" in capsys.readouterr().err
+    assert main(["validate", str(path), "--backend", "torch", "model.dtype=float16"]) == 0
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert main(["validate", str(path), "model.dtype=float16"]) == 2
+    assert main(["validate", str(path), "backend=torch", "model.dtype=float16"]) == 0
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    assert main(["validate", str(path), "model.dtype=float16"]) == 0

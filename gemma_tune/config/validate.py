@@ -83,6 +83,23 @@ def known_architecture(recipe: schema.Recipe) -> Architecture | None:
     return source_architecture(recipe.model.weights)
 
 
+def check_backend_support(recipe: schema.Recipe, backend: str) -> None:
+    """ConfigError when `backend` cannot train `recipe` on this machine: `model.dtype: float16` on JAX
+    running on a CPU (XLA:CPU has no float16 x float16 -> float32 dot; TensorFlow and PyTorch train
+    float16 on a CPU). Imports JAX only in that case, to ask which platform it runs on."""
+    if recipe.model.dtype == "float16" and backend == "jax" and jax_platform() == "cpu":
+        raise ConfigError("float16 does not train with the JAX backend on a CPU (XLA:CPU has no float16 matrix "
+                          "product); expected model.dtype: bfloat16 or float32, or choose --backend tensorflow or "
+                          "torch", where="model.dtype")
+
+
+def jax_platform() -> str:
+    """The platform JAX computes on by default: "cpu", "gpu" or "tpu"."""
+    import jax
+
+    return jax.default_backend()
+
+
 # ---------------------------------------------------------------------------------------------------
 def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool) -> list[Problem]:
     problems: list[Problem] = []
