@@ -1,7 +1,11 @@
-"""Choosing the Keras backend. It must happen before Keras is first imported.
+"""Choosing the Keras backend (before Keras is first imported), and seeding it.
 
 Precedence: an explicit choice (CLI --backend or the recipe's `backend:`), then the KERAS_BACKEND
 environment variable, then jax.
+
+`set_random_seed` is `keras.utils.set_random_seed` without its TensorFlow import on the other backends:
+Keras seeds TensorFlow whenever it is installed, importing it (seconds, and its start-up lines on the
+console) for that alone.
 """
 
 from __future__ import annotations
@@ -30,3 +34,29 @@ def select_backend(requested: str | None) -> str:
         return backend
     os.environ["KERAS_BACKEND"] = backend
     return backend
+
+
+class _NoTensorFlow:
+    available = False
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed Python's and NumPy's random state, torch's (on torch) and Keras' global seed generator, as
+    `keras.utils.set_random_seed` does; TensorFlow's only when it is the backend or already imported.
+
+    gemma_tune draws from TensorFlow's random state only in tf.data pipelines, which it builds on the
+    TensorFlow backend alone. Elsewhere Keras' own function runs with its handle on TensorFlow (the
+    lazily importing `keras.src.utils.rng_utils.tf`) replaced, for the call, by one that is unavailable.
+    """
+    import keras
+    from keras.src.utils import rng_utils
+
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    lazy = rng_utils.tf
+    rng_utils.tf = _NoTensorFlow()
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        rng_utils.tf = lazy
