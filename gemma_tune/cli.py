@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemma_tune.errors import EXIT_USER_ERROR, UserError
+from gemma_tune import __version__
+from gemma_tune.errors import EXIT_USER_ERROR, UserError, environment_error
 
 EPILOG = """examples:
   gemma-tune list
+  gemma-tune keys train
   gemma-tune validate recipes/quickstart.yaml
   gemma-tune run recipes/quickstart.yaml --backend torch train.max_steps=50 lora.rank=8
   gemma-tune export runs/quickstart --format safetensors --out exports/quickstart-hf
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemma-tune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Fine-tune Gemma models with Keras 3 on JAX, TensorFlow or PyTorch, driven by YAML recipes.")
+    parser.add_argument("--version", action="version", version=f"gemma-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a recipe and print what it would run; builds nothing",
@@ -99,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
     _add_backend(p)
     p.set_defaults(handler=_generate)
+
+    p = sub.add_parser("keys", help="every recipe key with its type, default and meaning",
+                       description="Print the recipe schema: each key's dotted path, type, default and meaning. "
+                                   "SECTION narrows it to a section (train, data, lora, ...) or a dotted prefix.")
+    p.add_argument("section", nargs="?", default=None, help="a section or dotted key prefix (default: all)")
+    p.set_defaults(handler=_keys)
 
     p = sub.add_parser("list", help="list the bundled recipes and model presets",
                        description="List recipes/ and configs/models/ presets with a line on each.")
@@ -181,6 +190,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from gemma_tune.config.keys import describe_keys
+
+    print(describe_keys(args.section))
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from gemma_tune.config.presets import RECIPES_DIR, preset_description, preset_names
 
@@ -218,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()
         return 0
+    except OSError as e:  # a full or read-only disk, a path that is a file: the user's to fix, no traceback
+        problem = environment_error(e)
+        if problem is None:
+            raise
+        print(f"gemma-tune: error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("gemma-tune: interrupted", file=sys.stderr)
         return 130

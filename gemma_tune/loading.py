@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from gemma_tune.errors import CheckpointError
 from gemma_tune.models.config import Architecture
+from gemma_tune.rundir import is_run_dir
 
 RUN_EXPORTS = ("exports/safetensors", "exports/keras")
 NOT_A_CHECKPOINT = ("not a checkpoint: expected config.json + *.safetensors (Hugging Face), adapter_config.json "
@@ -36,10 +37,6 @@ NOT_A_CHECKPOINT = ("not a checkpoint: expected config.json + *.safetensors (Hug
 DECODER_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim")
 PER_LAYER = ("sliding layers", "rope (theta, scaling) per layer")  # left out of a message when num_layers differ
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file() and (path / "manifest.json").is_file()
 
 
 def _meaning(arch) -> dict:
@@ -58,7 +55,7 @@ def _meaning(arch) -> dict:
 def enclosing_run_dir(path: str | Path) -> Path | None:
     """The gemma_tune run directory that `path` (resolved) is or lies inside, if any."""
     path = Path(path).expanduser().resolve()
-    return next((p for p in (path, *path.parents) if _is_run_dir(p)), None)
+    return next((p for p in (path, *path.parents) if is_run_dir(p)), None)
 
 
 def matching_presets(arch: Architecture) -> list[str]:
@@ -148,7 +145,7 @@ def _load_dir(path: Path, stated: _Stated | None, dtype: str, where: str):
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):  # a directory holding one checkpoint
         if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
             return _load_dir(sub, stated, dtype, where)
-    if _is_run_dir(path):
+    if is_run_dir(path):
         from gemma_tune.train.checkpoint import latest
 
         found = latest(path)
@@ -202,7 +199,7 @@ def source_architecture(source) -> Architecture | None:
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
             return source_architecture(sub)
-    if _is_run_dir(path):
+    if is_run_dir(path):
         from gemma_tune.config import recipe_architecture
 
         recipe = run_recipe(path)
@@ -269,7 +266,7 @@ def load_model_and_tokenizer(source, preset: str | None = None, dtype: str = "fl
 
     path = resolve_source(source)
     model = _load(path, source, _stated(preset, architecture), dtype)
-    if tokenizer is None and _is_run_dir(path):
+    if tokenizer is None and is_run_dir(path):
         recipe = run_recipe(path)
         tokenizer = recipe.model.tokenizer or recipe.model.weights
     return model, load_tokenizer(tokenizer or _tokenizer_dir(path))

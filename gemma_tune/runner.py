@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from gemma_tune.backend import select_backend
+from gemma_tune.backend import select_backend, set_random_seed
 from gemma_tune.config import Recipe, load_recipe
+from gemma_tune.config.validate import check_backend_support
 
 
 @dataclass
@@ -33,10 +34,8 @@ def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     recipe.backend = select_backend(backend or recipe.backend)
-
-    import keras
-
-    keras.utils.set_random_seed(recipe.seed)
+    check_backend_support(recipe, recipe.backend)
+    set_random_seed(recipe.seed)
     from gemma_tune.train import train
 
     outcome = train(recipe, resume=resume)

@@ -1,6 +1,6 @@
 """On JAX and torch, TensorFlow stays unimported (its import costs seconds and prints start-up lines) along
 the paths that do not need it: seeding, data preparation, the training and export packages, building a
-LoRA model, and the safetensors and peft exports. Each backend runs in a fresh subprocess."""
+LoRA model, the safetensors and peft exports, and the metrics with their TensorBoard events. Each backend runs in a fresh subprocess."""
 
 import json
 import os
@@ -45,6 +45,12 @@ model = build_model(preset_architecture("gemma3_tiny", num_layers=2), dtype="flo
 enable_lora(model, rank=2, alpha=4)
 for fmt in ("safetensors", "peft"):
     export_model(model, tok, sys.argv[1] + "/" + fmt, fmt)
+from pathlib import Path
+from gemma_tune.train.logs import MetricsSink
+(Path(sys.argv[1]) / "run").mkdir()
+sink = MetricsSink(Path(sys.argv[1]) / "run")  # with its TensorBoard event file
+sink.write({"step": 1, "split": "train", "loss": 1.0})
+sink.close()
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_text", "keras_hub"))))
 """
 

@@ -16,7 +16,6 @@ from gemma_tune.config import presets, schema
 from gemma_tune.config.compose import Provenance, compose_file, deep_merge, parse_overrides
 from gemma_tune.config.paths import is_remote, resolve_existing
 from gemma_tune.errors import CheckpointError, ConfigError
-from gemma_tune.loading import architecture_mismatch, source_architecture
 from gemma_tune.models.config import Architecture
 
 Problem = tuple[tuple[str, ...], str]
@@ -77,6 +76,8 @@ def known_architecture(recipe: schema.Recipe) -> Architecture | None:
     """The architecture a validated recipe trains, as far as it is known without downloading anything: the
     one it states, else that of its local `model.weights` (read from config files), else None (hf:// or
     kaggle:// weights)."""
+    from gemma_tune.loading import source_architecture  # loading builds on config: imported when needed
+
     stated = recipe_architecture(recipe)
     if stated is not None or recipe.model.weights is None:
         return stated
@@ -180,6 +181,8 @@ def _check_model(recipe: schema.Recipe) -> list[Problem]:
         return [(("model", "architecture") + path, msg) for path, msg in
                 (_describe(err, model.architecture or {}, Architecture) for err in e.errors())]
     if model.weights is not None and not is_remote(model.weights) and Path(model.weights).exists():
+        from gemma_tune.loading import source_architecture
+
         try:  # local weights: their config says what they compute
             found = source_architecture(model.weights)
         except CheckpointError as e:
@@ -205,6 +208,8 @@ def _weights_mismatch(recipe: schema.Recipe, found: Architecture | None, stated:
                                                                else "")
     else:
         key, stated_as = "architecture", "model.architecture"
+    from gemma_tune.loading import architecture_mismatch
+
     problem = architecture_mismatch(found, stated, stated_as, recipe=True)
     return None if problem is None else (("model", key), problem)
 

@@ -35,6 +35,7 @@ import numpy as np
 from keras import ops
 
 from gemma_tune.errors import CheckpointError
+from gemma_tune.export.atomic import share_permissions
 from gemma_tune.tempfiles import temp_path
 
 KEEP = 2
@@ -145,6 +146,7 @@ def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
         (tmp / FILES[2]).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+        share_permissions(tmp)  # safetensors writes 0600
         for name in FILES + (MANIFEST,):
             _fsync(tmp / name)
         if final.exists():  # a stale checkpoint of the same step (e.g. from before a resume): replace it

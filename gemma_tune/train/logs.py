@@ -1,6 +1,6 @@
 """Where a run's metrics go: `metrics.jsonl` (one JSON object per logged row), `metrics.csv` (the same
 rows, fixed columns) and TensorBoard event files under `tensorboard/` (written with the tensorboard
-package's own event writer, so no backend needs TensorFlow for it).
+package's record writer on a plain file, so no backend imports TensorFlow for it).
 
 A row is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`. On resume, rows after the
 resumed step are dropped (`truncate_after`) so the files read as one uninterrupted run; a torn last line
@@ -14,6 +14,8 @@ import io
 import json
 import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -24,6 +26,29 @@ log = logging.getLogger("gemma_tune")
 
 CSV_COLUMNS = ("step", "split", "loss", "perplexity", "accuracy", "learning_rate", "tokens", "tokens_per_s",
                "mfu", "peak_memory_gib", "elapsed_s")
+
+
+class EventFile:
+    """One TensorBoard event file, written with tensorboard's RecordWriter on a plain Python file
+    (tensorboard's EventFileWriter opens files through `tf.io.gfile`, which imports TensorFlow)."""
+
+    def __init__(self, logdir: Path):
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+        self._writer = RecordWriter(open(logdir / name, "wb"))  # noqa: SIM115 - closed by close()
+        self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_event(self, event) -> None:
+        self._writer.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class MetricsSink:
@@ -37,11 +62,9 @@ class MetricsSink:
         self._tb = None
         if tensorboard:
             try:
-                from tensorboard.summary.writer.event_file_writer import EventFileWriter
+                self._tb = EventFile(self.run_dir / "tensorboard")
             except ImportError:  # tensorboard is an optional extra
-                EventFileWriter = None
-            if EventFileWriter is not None:
-                self._tb = EventFileWriter(str(self.run_dir / "tensorboard"))
+                self._tb = None
 
     def _read_jsonl(self) -> list[dict]:
         """The rows logged so far. A torn last line (a run killed while appending it) is dropped with a
