@@ -4,15 +4,48 @@
 prints the line and redraws the bar under it: log lines never glue onto the bar. `ProgressBar` is the
 one bar of a training run (tqdm; drawn only on a terminal). Its ETA comes from the steps after the
 first, which compiles: the bar appears once that step is done, and until then a log line says that the
-first step is compiling.
+first step is compiling. `without_native_start_up_lines()` keeps TensorFlow's native start-up lines off
+the terminal where another backend's run needs TensorFlow.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 
 from tqdm import tqdm
+
+NATIVE_START_UP = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called|cudart_stub\.cc:\d+\]|port\.cc:\d+\] oneDNN custom "
+    r"operations|cuda_platform\.cc:\d+\] failed call to cuInit|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap")
+
+
+@contextmanager
+def without_native_start_up_lines() -> Iterator[None]:
+    """Run the block with the process's stderr (file descriptor 2) captured, then pass on every line of it
+    but TensorFlow's native start-up lines (`NATIVE_START_UP`: written before its logging is set up, so
+    TF_CPP_MIN_LOG_LEVEL does not reach them) and the info line of tensorflow_text's sentencepiece.
+    For code that needs TensorFlow on another backend (the keras export: Keras' saving and keras-hub
+    import it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not NATIVE_START_UP.search(line)))
+            sys.stderr.flush()
 
 
 class ConsoleHandler(logging.Handler):

@@ -23,7 +23,8 @@ def test_a_run_on_a_terminal_shows_one_bar_below_its_log_lines(tmp_path):
                         "dtype": "float32"},
               "lora": {"rank": 4},
               "data": {"train": {"path": "data/tiny/chat.jsonl", "format": "chat"}, "max_length": 64},
-              "train": {"max_steps": 8, "batch_size": 2, "log_every": 4}}
+              "train": {"max_steps": 8, "batch_size": 2, "log_every": 4},
+              "export": {"formats": ["keras"]}}  # the keras export needs TensorFlow: its start-up lines stay hidden
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
     leader, follower = pty.openpty()  # a terminal of 120 columns: the bar is drawn
@@ -53,3 +54,16 @@ def test_a_run_on_a_terminal_shows_one_bar_below_its_log_lines(tmp_path):
     logged = re.search(r"step 8/8 loss (\d+\.\d+)", screen).group(1)
     assert f"loss={logged}" in screen  # the bar's loss is the logged one (not a second, different number)
     assert "loss:" not in screen  # no Keras progress bar
+    if os.environ.get("KERAS_BACKEND", "jax") != "tensorflow":  # on its own backend TensorFlow may announce itself
+        for noise in ("cudart_stub", "oneDNN", "cuInit", "absl::InitializeLog", "normalizer.cc"):
+            assert noise not in screen, noise
+
+
+def test_native_start_up_lines_are_dropped_and_the_rest_kept(capfd):
+    from gemma_tune.console import without_native_start_up_lines
+
+    with without_native_start_up_lines():
+        os.write(2, b"I0000 00:00:1.2 123 cudart_stub.cc:31] Could not find cuda drivers on your machine\n")
+        os.write(2, b"normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\n")
+        os.write(2, b"a real warning\n")
+    assert capfd.readouterr().err == "a real warning\n"

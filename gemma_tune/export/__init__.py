@@ -86,7 +86,9 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora:
             if base is None:
                 log.warning(UNKNOWN_BASE)
         else:
+            from gemma_tune.console import without_native_start_up_lines
             from gemma_tune.export.keras import write_keras_export
 
-            write_keras_export(model, tokenizer, tmp, merge_lora=merge_lora, dtype=dtype)
+            with without_native_start_up_lines():  # Keras' saving and keras-hub import TensorFlow
+                write_keras_export(model, tokenizer, tmp, merge_lora=merge_lora, dtype=dtype)
     return out_dir
