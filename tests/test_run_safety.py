@@ -172,3 +172,13 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary(run_dir, tmp_path,
     err = capsys.readouterr().err
     assert "No space left on device: free some space" in err and "Traceback" not in err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
+
+
+def test_the_summary_counts_the_rows_skipped(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    good = Path("data/tiny/chat.jsonl").read_text().splitlines()[:6]
+    data.write_text("\n".join(good[:3] + ['{"messages": "not a list"}'] + good[3:]) + "\n")
+    spec = recipe(tmp_path / "run", data=data, max_steps=1)
+    spec["data"]["skip_invalid"] = True
+    summary = json.loads((gemma_tune.run(spec).run_dir / "summary.json").read_text())
+    assert summary["data"]["train"]["invalid"] == 1 and summary["data"]["train"]["rows"] == 6
