@@ -64,7 +64,7 @@ def step_cost(system: str, cfg: dict, arch, repeats: int) -> dict:
     state = tuple([v.value for v in group] for group in (model.trainable_variables, model.non_trainable_variables,
                                                           model.optimizer.variables, model.metrics_variables))
     if system == "ours":
-        data = next(train_batches(split, cfg["batch"], 1, cfg["seed"]))
+        data = next(train_batches(split, cfg["batch"], 1, cfg["seed"], model.method.count))
     else:
         data = systems.keras_hub_inputs(next(split.batches(cfg["batch"], cfg["seed"])))
     data = jax.tree_util.tree_map(jax.numpy.asarray, data)

@@ -2,7 +2,7 @@
 
 ours       gemma_tune's trainer exactly as `gemma-tune run` sets it up (gemma_tune.train.loop.train):
            `build_model` with the recipe's dtype policy, `enable_lora`, `build_optimizer` with a
-           `WarmupSchedule` from a `TrainSection`, the `CausalLMTrainer` wrapper (chunked SFT loss),
+           `WarmupSchedule` from a `TrainSection`, the `MethodTrainer` with the SFT method (chunked loss),
            `compile(jit_compile=…)`, and Keras' `fit` over `train_batches` of a `Split` through
            `for_fit`, with the trainer's own `Throughput` callback.
 keras-hub  `Gemma3CausalLM` on a `Gemma3Backbone` with the same hyperparameters, `enable_lora(rank)`
@@ -97,7 +97,8 @@ def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
     from gemma_tune.train.callbacks import Throughput
     from gemma_tune.train.data import for_fit, train_batches
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
-    from gemma_tune.train.task import CausalLMTrainer
+    from gemma_tune.methods.sft import SFT
+    from gemma_tune.train.task import MethodTrainer
 
     _seed(cfg["seed"])
     total = cfg["warmup"] + cfg["steps"]
@@ -110,7 +111,8 @@ def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
     lm.remat = train.remat
     schedule = WarmupSchedule.for_recipe(train, total)
     optimizer = build_optimizer(train, schedule, loss_scaling=policy == "mixed_float16")
-    trainer = CausalLMTrainer(lm, chunk_size=train.loss_chunk_size, accum=train.grad_accum)
+    method = SFT(recipe=None, options={})
+    trainer = MethodTrainer(lm, method, chunk_size=train.loss_chunk_size, accum=train.grad_accum)
     trainer.compile(optimizer=optimizer, jit_compile=train.jit_compile)
     trainer.built = True
     optimizer.build(trainer.trainable_variables)
@@ -118,7 +120,7 @@ def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
     throughput = Throughput(measure.flops_per_token(counts["total"], counts["trainable"], arch, cfg["length"]),
                             measure.peak_flops(measure.accelerator()))
     clock = StepClock(cfg["warmup"])
-    trainer.fit(for_fit(train_batches(split, train.batch_size, train.grad_accum, cfg["seed"])),
+    trainer.fit(for_fit(train_batches(split, train.batch_size, train.grad_accum, cfg["seed"], method.count)),
                 steps_per_epoch=total, epochs=1, verbose=0, callbacks=[throughput, clock, *callbacks])
     return {"policy": policy, "params_total": counts["total"],
             "params_trainable": counts["trainable"],

@@ -79,4 +79,4 @@ def test_type_name_of_constraints():
     assert type_name(schema.DataSection.model_fields["max_length"].annotation,
                      schema.DataSection.model_fields["max_length"].metadata) == "int > 1"
     assert type_name(schema.PreferenceSection.model_fields["label_smoothing"].annotation,
-                     schema.PreferenceSection.model_fields["label_smoothing"].metadata) == "float in [0, 0.5)"
+                     schema.PreferenceSection.model_fields["label_smoothing"].metadata) == "float in [0, 0.5) | null"

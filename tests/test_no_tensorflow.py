@@ -48,7 +48,7 @@ for fmt in ("safetensors", "peft"):
 from pathlib import Path
 from gemma_tune.train.logs import MetricsSink
 (Path(sys.argv[1]) / "run").mkdir()
-sink = MetricsSink(Path(sys.argv[1]) / "run")  # with its TensorBoard event file
+sink = MetricsSink(Path(sys.argv[1]) / "run", ("step", "split", "loss"))  # with its TensorBoard event file
 sink.write({"step": 1, "split": "train", "loss": 1.0})
 sink.close()
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_text", "keras_hub"))))

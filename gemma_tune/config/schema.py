@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gemma_tune.methods import METHODS
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-METHODS = ("sft",)  # dpo, ipo, simpo, orpo and reward arrive with preference tuning
-PLANNED_METHODS = ("dpo", "ipo", "simpo", "orpo", "reward")
 DATA_FORMATS = ("text", "prompt_completion", "chat", "preference")
 PLANNED_DATA_FORMATS = ("image_text",)
 
@@ -148,12 +148,23 @@ class TrainSection(Section):
 
 
 class PreferenceSection(Section):
-    beta: float = Field(default=0.1, gt=0, description="DPO/IPO β (SimPO β, ORPO λ) of the preference methods "
-                                                       "(not available yet)")
-    gamma: float = Field(default=0.5, ge=0, description="SimPO target margin (absolute, not gamma/beta)")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5,
-                                   description="conservative DPO ε: the share of preference labels taken as flipped; "
-                                               "0 = none")
+    """Options of the preference methods; each method reads its own keys, and null means its default
+    (gemma_tune.methods: METHODS)."""
+
+    beta: float | None = Field(default=None, gt=0, description="dpo/ipo β (default 0.1), simpo β (default 2.0), "
+                                                              "orpo λ, the odds-ratio weight (default 0.1)")
+    gamma: float | None = Field(default=None, ge=0, description="simpo: the target reward margin γ, absolute "
+                                                              "(not γ/β); default 1.0")
+    label_smoothing: float | None = Field(default=None, ge=0, lt=0.5,
+                                          description="dpo: conservative DPO ε, the share of preference labels "
+                                                      "taken as flipped; default 0")
+    sft_weight: float | None = Field(default=None, ge=0, description="simpo: weight of the chosen responses' NLL "
+                                                                   "added to the loss (CPO's α); default 0")
+    reference: str | None = Field(default=None, description="dpo/ipo: the reference model, any source model.weights "
+                                  "accepts; null = the starting model (with LoRA: the model with its adapters off)")
+    precompute_reference: bool | None = Field(
+        default=None, description="dpo/ipo: compute the reference log-probabilities once before training (cached "
+        "in the run directory) instead of at every step; null = true for full fine-tuning, false with LoRA")
 
 
 class ExportSection(Section):
@@ -178,8 +189,8 @@ class Recipe(Section):
     output_dir: str | None = Field(default=None, description="the run directory (relative to the working "
                                                              "directory); null = runs/<name>")
     model: ModelSection = Field(description="the model to fine-tune: architecture, weights, tokenizer, dtype")
-    method: str = Field(default="sft", description="training method: sft (dpo, ipo, simpo, orpo and reward are "
-                                                   "planned)")
+    method: str = Field(default="sft", description=f"tuning method: {' | '.join(METHODS)} (each declared in "
+                                                   "gemma_tune.methods, with its data formats and options)")
     lora: LoraSection | None = Field(default=None, description="LoRA adapters to train; absent or null = full "
                                                                "fine-tuning")
     quantize: Literal["int8", "int4"] | None = Field(
@@ -187,6 +198,6 @@ class Recipe(Section):
     data: DataSection = Field(description="training and evaluation data, and how it becomes rows")
     train: TrainSection = Field(default_factory=TrainSection, description="optimisation, schedule, evaluation, "
                                                                           "checkpoints and logging")
-    preference: PreferenceSection = Field(default_factory=PreferenceSection,
-                                          description="settings of the preference methods (not available yet)")
+    preference: PreferenceSection | None = Field(default=None, description="options of the preference methods "
+                                                 "(dpo, ipo, simpo, orpo); only with one of them")
     export: ExportSection = Field(default_factory=ExportSection, description="what is exported after training")

@@ -16,9 +16,13 @@ from gemma_tune.config import presets, schema
 from gemma_tune.config.compose import Provenance, compose_file, deep_merge, parse_overrides
 from gemma_tune.config.paths import is_remote, resolve_existing
 from gemma_tune.errors import CheckpointError, ConfigError
+from gemma_tune.methods import METHODS
 from gemma_tune.models.config import Architecture
 
 Problem = tuple[tuple[str, ...], str]
+OPTION_SECTIONS = ("preference",)  # recipe sections that hold a method's options (MethodSpec.section)
+PLANNED_METHODS = {"reward": "it arrives with reward models", "grpo": "it arrives with online RL",
+                   "rloo": "it arrives with online RL"}
 
 
 def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = (),
@@ -106,13 +110,16 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
     problems: list[Problem] = []
     add = lambda path, msg: problems.append((tuple(path.split(".")), msg))  # noqa: E731
 
-    if recipe.method not in schema.METHODS:
-        if recipe.method in schema.PLANNED_METHODS:
-            add("method", f"method '{recipe.method}' is not available yet (available: "
-                          f"{', '.join(schema.METHODS)}); it arrives with preference tuning")
+    spec = METHODS.get(recipe.method)
+    if spec is None:
+        known = ", ".join(METHODS)
+        if recipe.method in PLANNED_METHODS:
+            add("method", f"method '{recipe.method}' is not available yet (available: {known}); "
+                          f"{PLANNED_METHODS[recipe.method]}")
         else:
-            add("method", f"unknown method '{recipe.method}'{_suggest(recipe.method, schema.METHODS + schema.PLANNED_METHODS)}"
-                          f"; expected one of: {', '.join(schema.METHODS)}")
+            add("method", f"unknown method '{recipe.method}'{_suggest(recipe.method, list(METHODS))}; "
+                          f"expected one of: {known}")
+    problems += _check_method_options(recipe, spec)
 
     for key in ("weights", "tokenizer"):
         value = getattr(recipe.model, key)
@@ -135,8 +142,9 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
                 f"data format '{source.format}' is not available yet (it arrives with PaliGemma support)" if planned
                 else f"unknown data format '{source.format}'{_suggest(source.format, schema.DATA_FORMATS)}; "
                      f"expected one of: {', '.join(schema.DATA_FORMATS)}")
-        elif recipe.method == "sft" and source.format == "preference":
-            add(f"data.{split}.format", "method sft trains on text, prompt_completion or chat data, not preference pairs")
+        elif spec is not None and source.format not in spec.formats:
+            add(f"data.{split}.format", f"method {spec.name} trains on {' or '.join(spec.formats)} data, "
+                                        f"not {source.format}")
         resolved = _resolve_local(source.path, recipe_dir, looks_local=_looks_like_file(source.path))
         if resolved is False and check_files:
             add(f"data.{split}.path", f"data file or directory '{source.path}' not found")
@@ -161,6 +169,26 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
         add("train.epochs", "give either train.max_steps or train.epochs, not both")
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / recipe.name)
+    return problems
+
+
+def _check_method_options(recipe: schema.Recipe, spec) -> list[Problem]:
+    """Options are validated only for the chosen method: another method's section, or a key of its own
+    section that it does not read, is a problem naming the key."""
+    problems = []
+    for section in OPTION_SECTIONS:
+        values = getattr(recipe, section)
+        if values is None:
+            continue
+        given = [k for k, v in values.model_dump().items() if v is not None]
+        if spec is None:
+            continue
+        if spec.section != section:
+            users = ", ".join(name for name, s in METHODS.items() if s.section == section)
+            problems += [((section, key), f"an option of {users}, not of method {spec.name}") for key in given]
+            continue
+        problems += [((section, key), f"not an option of {spec.name} (its options: {', '.join(spec.defaults)})")
+                     for key in given if key not in spec.defaults]
     return problems
 
 

@@ -1,1 +1,57 @@
-"""gemma_tune.methods."""
+"""gemma_tune.methods: tuning methods as components of the one trainer.
+
+A method is declared here, one registry line each (`METHODS`), by what a recipe needs to know without
+importing Keras (so that validation runs before the backend is chosen): the data formats it trains on,
+the recipe section of its options and each option's default, and where its behaviour lives. The
+behaviour is a `gemma_tune.methods.base.Method` subclass in the method's own module: its batch count,
+forward pass to statistics and loss, metrics, and any layers it adds. The trainer, the batches, the
+callbacks, the metric files, the summary and checkpoints read everything from those two places; adding
+a method is its module and its registry line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a recipe knows of a method: `formats` it trains on, `section` of the recipe that holds its
+    options (None: it takes none) with each option's `defaults`, and `behaviour` = "module:Class"."""
+
+    name: str
+    formats: tuple[str, ...]
+    behaviour: str
+    section: str | None = None
+    defaults: dict = field(default_factory=dict)
+
+    def load(self):
+        """The `Method` subclass (imports Keras)."""
+        module, _, cls = self.behaviour.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+SFT_FORMATS = ("text", "prompt_completion", "chat")
+METHODS = {spec.name: spec for spec in (
+    MethodSpec("sft", SFT_FORMATS, "gemma_tune.methods.sft:SFT"),
+)}
+
+
+def method_spec(name: str) -> MethodSpec:
+    return METHODS[name]
+
+
+def build_method(recipe):
+    """The `Method` object of a validated recipe."""
+    spec = METHODS[recipe.method]
+    return spec.load()(recipe, options=method_options(recipe))
+
+
+def method_options(recipe) -> dict:
+    """The chosen method's options: its defaults, overridden by the values its recipe section sets (a
+    null there means the method's default)."""
+    spec = METHODS[recipe.method]
+    section = getattr(recipe, spec.section) if spec.section else None
+    given = {} if section is None else section.model_dump()
+    return {**spec.defaults, **{k: v for k, v in given.items() if k in spec.defaults and v is not None}}

@@ -11,6 +11,10 @@ micro-batches of a gradient-accumulation step, all packed segments — so that a
 packing leave the objective unchanged. The logits z are built one chunk of `chunk_size` tokens at a
 time and each chunk is rematerialised (`keras.remat`), so only one chunk of [chunk, V] logits is
 alive in the forward and in the backward pass: never the [B, T, V] tensor.
+
+`SFT` is the method component (`gemma_tune.methods.base.Method`): a step is normalised by its trained
+targets; metrics `loss` (mean nll per trained target), `accuracy` (share of targets whose logit is the
+largest) and, on eval rows, `perplexity` = exp(loss).
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import math
 
 import keras
 from keras import ops
+
+from gemma_tune.methods.base import Method, ratio
+
+MODEL_INPUTS = ("token_ids", "segment_ids", "positions")
 
 
 def _chunk_stats(hidden, embedding, targets, mask, softcap):
@@ -72,3 +80,33 @@ def sft_loss(hidden, embedding, target_ids, loss_mask, num_targets, *, chunk_siz
         nll_sum, correct = nll_sum + nll, correct + hit
     denominator = ops.maximum(ops.cast(num_targets, "float32"), 1.0)
     return nll_sum / denominator, correct
+
+
+class SFT(Method):
+    """Supervised fine-tuning on text, prompt/completion and chat rows (module docstring)."""
+
+    stats = ("correct", "targets", "tokens")
+    count_of = "targets"
+    metrics = ("loss", "accuracy")
+    eval_metrics = ("perplexity",)
+    loss_label = "loss (nats per target token)"
+
+    def count(self, batch):
+        return float(batch["loss_mask"].sum())
+
+    def forward(self, trainer, batch, training):
+        lm = trainer.lm
+        hidden = lm({k: batch[k] for k in MODEL_INPUTS}, training=training, return_hidden_states=True)
+        loss, correct = sft_loss(hidden, lm.token_embedding.embeddings, batch["target_ids"], batch["loss_mask"],
+                                 batch["step_count"][0], chunk_size=trainer.chunk_size,
+                                 final_logit_softcap=lm.architecture.final_logit_softcap)
+        return {"loss": loss, "correct": correct,
+                "targets": ops.sum(ops.cast(batch["loss_mask"], "float32")),
+                "tokens": ops.sum(ops.cast(ops.greater(batch["segment_ids"], 0), "float32"))}
+
+    def metric_values(self, sums, split):
+        loss = ratio(sums["loss"], sums["targets"])
+        values = {"loss": loss, "accuracy": ratio(sums["correct"], sums["targets"])}
+        if split != "train":
+            values["perplexity"] = math.exp(min(loss, 700.0)) if loss is not None else None
+        return values

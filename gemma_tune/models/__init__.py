@@ -15,7 +15,7 @@ _LAZY = {
     "build_model": "gemma_tune.models.decoder",
     "Projection": "gemma_tune.models.projection",
     **{name: "gemma_tune.models.adapters" for name in (
-        "LORA_TARGET_PROJECTIONS", "count_params", "enable_lora", "float_kernel", "float_weight", "get_variable",
+        "LORA_TARGET_PROJECTIONS", "adapters_disabled", "count_params", "enable_lora", "float_kernel", "float_weight", "get_variable",
         "lora_projections", "merge_lora", "projections", "quantize_base", "unmerge_lora")},
 }
 

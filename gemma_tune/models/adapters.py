@@ -14,6 +14,7 @@ Weight paths follow docs/CONTRACTS.md ("Weight layout"), e.g. `blocks.3.attentio
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -38,6 +39,22 @@ def projections(model) -> Iterator[tuple[str, Projection]]:
 def lora_projections(model) -> Iterator[tuple[str, Projection]]:
     """(path, layer) for every projection with LoRA enabled."""
     return ((path, layer) for path, layer in projections(model) if layer.lora_enabled)
+
+
+@contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """Within the block, the model computes without its LoRA adapters: the frozen base alone (the
+    reference model of DPO/IPO with LoRA, with no second copy of the weights). It switches Keras'
+    `lora_enabled` flag of each adapted projection, read when the call is traced, so a traced step
+    may call the model both ways."""
+    adapted = [layer for _, layer in lora_projections(model)]
+    for layer in adapted:
+        layer.lora_enabled = False
+    try:
+        yield
+    finally:
+        for layer in adapted:
+            layer.lora_enabled = True
 
 
 def _owner(model, path: str):

@@ -2,14 +2,15 @@
 
 Keras calls `on_train_batch_end` once per micro-batch; `StepCallback` turns those calls into one
 `on_step_end(step, stats)` per optimisation step (every `accum` micro-batches), with the step's
-statistics summed over its micro-batches: `loss` (Σ nll / N of the step), `correct`, `targets` (N) and
-`tokens` (real tokens). Steps are numbered from 1 and continue across a resume (`first_step`).
+statistics — the method's (`gemma_tune.methods.base.Method`) — summed over its micro-batches: `loss`
+(the step's objective, divided by its count), `tokens` (real tokens), `targets` (trained tokens) and the
+method's own sums. Steps are numbered from 1 and continue across a resume (`first_step`).
 
   NonFiniteGuard  stops the run on a non-finite loss, before anything is logged or saved for that step
                   (the Checkpointer refuses non-finite weights: a checkpoint always holds finite ones)
   Throughput      tokens/s, MFU (on a known accelerator) and peak memory — usable on its own (bench/)
   MetricsLogger   the progress bar every step; metrics.jsonl / metrics.csv / TensorBoard rows every log_every
-  Evaluator       eval loss, perplexity, token accuracy every eval_every; sample generations
+  Evaluator       the method's eval metrics every eval_every; sample generations
   Checkpointer    checkpoints every save_every, at the end, and when SIGTERM/SIGINT asks to stop
   RestoreRNG      a resumed run's global random generators, set at its first step
 """
@@ -34,8 +35,6 @@ from gemma_tune.train.data import eval_batches, for_fit
 
 log = logging.getLogger("gemma_tune")
 
-STATS = ("loss", "correct", "targets", "tokens")
-
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
@@ -47,19 +46,28 @@ class StepCallback(keras.callbacks.Callback, abc.ABC):
     def __init__(self, accum: int = 1, first_step: int = 0):
         super().__init__()
         self.accum, self.first_step = accum, first_step
-        self._sums = dict.fromkeys(STATS, 0.0)
+        self._sums: dict[str, float] = {}
 
     def on_train_batch_end(self, batch, logs=None):
-        for key in STATS:
-            self._sums[key] += float(logs[key])
+        add_stats(self._sums, logs)
         if (batch + 1) % self.accum:
             return
-        stats, self._sums = self._sums, dict.fromkeys(STATS, 0.0)
+        stats, self._sums = self._sums, {}
         self.on_step_end(self.first_step + (batch + 1) // self.accum, stats)
 
     @abc.abstractmethod
     def on_step_end(self, step: int, stats: dict) -> None:
         """Called once per optimisation step with the step's summed statistics."""
+
+
+def add_stats(sums: dict[str, float], stats: dict, weight_loss_by: str | None = None) -> None:
+    """Add a batch's (or step's) statistics to `sums`; with `weight_loss_by`, its loss times that stat (the
+    step count), so that summed losses are plain sums of per-item losses (gemma_tune.methods.base)."""
+    for key, value in stats.items():
+        value = float(value)
+        if key == "loss" and weight_loss_by is not None:
+            value *= float(stats[weight_loss_by])
+        sums[key] = sums.get(key, 0.0) + value
 
 
 def diverged(what: str, step: int, run_dir: Path) -> "TrainingDiverged":
@@ -146,17 +154,17 @@ class Throughput(StepCallback):
 
 
 class MetricsLogger(StepCallback):
-    """Every `log_every` steps (and the last): a train row (loss and accuracy over the steps since the
-    previous row, learning rate, tokens, throughput) to `sink` and the log. Every step: the progress bar
+    """Every `log_every` steps (and the last): a train row — the method's metrics over the steps since the
+    previous row, learning rate, tokens, throughput — to `sink` and the log. Every step: the progress bar
     (`gemma_tune.console.ProgressBar`), whose loss is the same mean over the steps since the last row."""
 
-    def __init__(self, sink, schedule, total_steps: int, log_every: int, throughput: Throughput,
+    def __init__(self, sink, schedule, total_steps: int, log_every: int, throughput: Throughput, method,
                  progress: bool = True, **kw):
         super().__init__(**kw)
         self.sink, self.schedule, self.total_steps = sink, schedule, total_steps
-        self.log_every, self.throughput = log_every, throughput
+        self.log_every, self.throughput, self.method = log_every, throughput, method
         self.progress = ProgressBar(total_steps, enabled=progress)
-        self._nll = self._targets = self._correct = self._tokens = 0.0
+        self._window: dict[str, float] = {}
         self.started = None
 
     def on_train_begin(self, logs=None):
@@ -168,33 +176,35 @@ class MetricsLogger(StepCallback):
         return float(keras.ops.convert_to_numpy(self.schedule(step * self.accum - 1)))
 
     def on_step_end(self, step, stats):
-        self._nll += stats["loss"] * stats["targets"]
-        self._targets += stats["targets"]
-        self._correct += stats["correct"]
-        self._tokens += stats["tokens"]
+        add_stats(self._window, stats, weight_loss_by=self.method.count_of)
+        metrics = self.method.metric_values(self._window, "train")
         lr = self.learning_rate(step)
-        loss = self._nll / self._targets if self._targets else float("nan")
         rate = self.throughput.last_rate or 0.0
+        loss = metrics["loss"] if metrics["loss"] is not None else float("nan")
         figures = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{rate:,.0f}"}
         if self.throughput.flops_per_token and self.throughput.peak_flops:
             figures["MFU"] = f"{rate * self.throughput.flops_per_token / self.throughput.peak_flops:.1%}"
         if step % self.log_every and step != self.total_steps:
             self.progress.update(step, **figures)
             return
-        row = {"step": step, "split": "train", "loss": loss,
-               "accuracy": self._correct / self._targets if self._targets else None,
-               "learning_rate": lr, "tokens": self._tokens, **self.throughput.current(),
-               "elapsed_s": time.perf_counter() - self.started}
+        row = {"step": step, "split": "train", **metrics, "learning_rate": lr, "tokens": self._window["tokens"],
+               **self.throughput.current(), "elapsed_s": time.perf_counter() - self.started}
         self.sink.write(row)
         mfu = f" MFU {row['mfu']:.1%}" if row.get("mfu") else ""
         rate = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "-"
-        log.info("step %d/%d loss %.4f acc %.3f lr %.2e tokens/s %s%s", step, self.total_steps, loss,
-                 row["accuracy"] or 0.0, lr, rate, mfu)
+        log.info("step %d/%d %s lr %.2e tokens/s %s%s", step, self.total_steps, format_metrics(metrics), lr,
+                 rate, mfu)
         self.progress.update(step, **figures)
-        self._nll = self._targets = self._correct = self._tokens = 0.0
+        self._window = {}
 
     def close(self) -> None:
         self.progress.close()
+
+
+def format_metrics(metrics: dict) -> str:
+    """`name value` pairs of a row's metrics, for log lines."""
+    return " ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+                    for name, value in metrics.items() if value is not None)
 
 
 def _inference():
@@ -209,22 +219,18 @@ def _inference():
 class _SumTestBatches(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
-        self.sums = dict.fromkeys(STATS, 0.0)
+        self.sums: dict[str, float] = {}
 
     def on_test_batch_end(self, batch, logs=None):
-        for key in STATS:
-            self.sums[key] += float(logs[key])
+        add_stats(self.sums, logs)
 
 
 def evaluate(trainer, split, batch_size: int) -> dict:
-    """Loss (Σ nll / Σ targets over the whole split), perplexity and token accuracy of `split`."""
+    """The method's eval metrics over the whole `split` (every row once), and its tokens."""
     summed = _SumTestBatches()
     trainer.evaluate(for_fit(eval_batches(split, batch_size)), steps=split.steps_per_epoch(batch_size), verbose=0,
                      callbacks=[summed])
-    s = summed.sums
-    loss = s["loss"] / s["targets"] if s["targets"] else float("nan")
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "accuracy": s["correct"] / s["targets"] if s["targets"] else None, "tokens": s["tokens"]}
+    return {**trainer.method.metric_values(summed.sums, "eval"), "tokens": summed.sums["tokens"]}
 
 
 class Evaluator(StepCallback):
@@ -247,8 +253,7 @@ class Evaluator(StepCallback):
         if self.split is not None:
             result = evaluate(trainer, self.split, self.batch_size)
             self.sink.write({"step": step, "split": "eval", **result})
-            log.info("eval at step %d: loss %.4f perplexity %.2f accuracy %.3f", step, result["loss"],
-                     result["perplexity"], result["accuracy"] or 0.0)
+            log.info("eval at step %d: %s", step, format_metrics({k: v for k, v in result.items() if k != "tokens"}))
         if self.prompts and self.samples is not None:
             self.sample(step)
 
@@ -299,11 +304,10 @@ class Checkpointer(StepCallback):
     """Saves `run_dir/checkpoints/step_N` every `every` steps, at the last step and on a stop request
     (then stops training). `state()` gives what besides the weights a resume needs."""
 
-    def __init__(self, run_dir: Path, every: int | None, total_steps: int, lm, state, stop: StopRequest,
-                 **kw):
+    def __init__(self, run_dir: Path, every: int | None, total_steps: int, state, stop: StopRequest, **kw):
         super().__init__(**kw)
         self.run_dir, self.every, self.total_steps = Path(run_dir), every, total_steps
-        self.lm, self.state, self.stop = lm, state, stop
+        self.state, self.stop = state, stop
         self.saved: Path | None = None
         self.stopped_at: int | None = None
 
@@ -313,7 +317,7 @@ class Checkpointer(StepCallback):
             return
         trainer = self.model  # syncs the JAX state
         try:
-            self.saved = checkpoint.save(self.run_dir, step, self.lm, trainer.optimizer, self.state(step))
+            self.saved = checkpoint.save(self.run_dir, step, trainer, self.state(step))
         except checkpoint.NonFiniteWeights as e:
             raise diverged(f"the weights became non-finite ({e})", step, self.run_dir) from None
         log.info("checkpoint saved: %s", self.saved)

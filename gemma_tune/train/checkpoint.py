@@ -2,9 +2,9 @@
 `KEEP` kept.
 
 A checkpoint directory holds
-  model.safetensors       every variable of the GemmaCausalLM by its Keras path (`keyed_variables`): base weights, LoRA
-                          adapters, quantised kernels and scales, and the dropout seed generators'
-                          states (Keras' `save_weights` would merge LoRA into the kernels: see
+  model.safetensors       every variable of the GemmaCausalLM and of its method's layers (a reward head) by its
+                          Keras path (`keyed_variables`): base weights, LoRA adapters, quantised kernels and
+                          scales, and the dropout seed generators' states (Keras' `save_weights` would merge LoRA into the kernels: see
                           docs/CONTRACTS.md), bfloat16 variables stored as float32
   optimizer.safetensors   every optimiser variable (iterations, moments, gradient accumulators), the same way
   state.json              step, the data position (the next micro-batch index of
@@ -125,23 +125,24 @@ def keyed_variables(variables) -> dict:
     return keyed
 
 
-def save(run_dir: Path, step: int, lm, optimizer, state: dict) -> Path:
-    """Write checkpoint `step` atomically and prune to the last `KEEP`; `state` goes to state.json
-    with the global RNG states. Raises NonFiniteWeights, writing nothing, when a trained variable is
-    not finite."""
+def save(run_dir: Path, step: int, trainer, state: dict) -> Path:
+    """Write checkpoint `step` of `trainer` (a `MethodTrainer`: its `model_variables` and its optimiser's)
+    atomically and prune to the last `KEEP`; `state` goes to state.json with the global RNG states.
+    Raises NonFiniteWeights, writing nothing, when a trained variable is not finite."""
     from safetensors.numpy import save_file
 
-    bad = nonfinite(lm.trainable_variables)
+    bad = nonfinite(trainer.trainable_variables)
     if bad:
-        raise NonFiniteWeights(bad, len(lm.trainable_variables))
+        raise NonFiniteWeights(bad, len(trainer.trainable_variables))
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = temp_path(final)
     try:
         tmp.mkdir()
-        save_file({key: _numpy(v) for key, v in keyed_variables(lm.variables).items()}, str(tmp / FILES[0]))
-        save_file({key: _numpy(v) for key, v in keyed_variables(optimizer.variables).items()}, str(tmp / FILES[1]))
+        save_file({key: _numpy(v) for key, v in keyed_variables(trainer.model_variables).items()}, str(tmp / FILES[0]))
+        save_file({key: _numpy(v) for key, v in keyed_variables(trainer.optimizer.variables).items()},
+                  str(tmp / FILES[1]))
         full_state = dict(state, step=step, rng=global_rng_state())
         (tmp / FILES[2]).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
@@ -207,18 +208,18 @@ def restore_variables(variables: dict, tensors: dict, where: str, hint: str) -> 
         variable.assign(value)  # Keras casts to the variable's dtype (float32 -> bfloat16)
 
 
-def load(path: Path, lm, optimizer) -> dict:
-    """Restore the model's and optimiser's variables from checkpoint `path` (one that `verify`d) and
+def load(path: Path, trainer) -> dict:
+    """Restore `trainer`'s model and optimiser variables from checkpoint `path` (one that `verify`d) and
     return its state.json. Its `rng` entry is for `set_global_rng_state`, to apply just before the
     first step (Keras' own set-up of `fit` draws from the global generators). A checkpoint that does
     not fit the run is a CheckpointError."""
     from safetensors.numpy import load_file
 
     path = Path(path)
-    restore_variables(keyed_variables(lm.variables), load_file(str(path / FILES[0])), str(path / FILES[0]),
+    restore_variables(keyed_variables(trainer.model_variables), load_file(str(path / FILES[0])), str(path / FILES[0]),
                       "another model, lora or quantize setting?")
-    restore_variables(keyed_variables(optimizer.variables), load_file(str(path / FILES[1])), str(path / FILES[1]),
-                      "another optimizer, or other trainable weights?")
+    restore_variables(keyed_variables(trainer.optimizer.variables), load_file(str(path / FILES[1])),
+                      str(path / FILES[1]), "another optimizer, or other trainable weights?")
     return read_state(path)
 
 

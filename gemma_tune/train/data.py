@@ -1,12 +1,13 @@
-"""Micro-batches for `fit` and `evaluate`, with the target count the loss divides by.
+"""Micro-batches for `fit` and `evaluate`, with the step count the loss divides by.
 
 Training: micro-batch j (0-based, counted over the run) is `split.batches(batch_size, seed)` batch j;
 optimisation step k is micro-batches k·accum … k·accum + accum − 1, and each of them carries
-`num_targets` = the number of trained targets (Σ loss_mask) over all `accum` of them, so that the
-loss of every micro-batch is divided by the count of the whole step. Resuming after k steps starts at
-micro-batch k·accum: the same batches as an uninterrupted run.
+`step_count` = the method's count (`Method.count`: trained targets for SFT, pairs for preference
+methods) summed over all `accum` of them, so that the loss of every micro-batch is divided by the count
+of the whole step. Resuming after k steps starts at micro-batch k·accum: the same batches as an
+uninterrupted run.
 
-Evaluation: every row once (`split.one_pass`), `num_targets` = 1, so the loss of a batch is its sum.
+Evaluation: every row once (`split.one_pass`), `step_count` = 1, so the loss of a batch is its sum.
 
 `for_fit` hands an iterator to Keras: as is, except on TensorFlow, where it becomes a `tf.data`
 pipeline with the batch's static shapes (Keras' own generator adapter leaves the batch dimension
@@ -15,26 +16,29 @@ unknown, and the chunked loss needs the token count of a batch when it is traced
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 
 def _with_count(batch: dict, count: float) -> tuple[dict]:
-    """`(inputs,)`: Keras takes a generator's items as (x,) / (x, y) tuples; SFT has no separate y."""
+    """`(inputs,)`: Keras takes a generator's items as (x,) / (x, y) tuples; the methods have no separate y."""
     batch = dict(batch)
-    batch["num_targets"] = np.full((len(batch["token_ids"]),), count, np.float32)
+    rows = len(next(iter(batch.values())))
+    batch["step_count"] = np.full((rows,), count, np.float32)
     return (batch,)
 
 
-def train_batches(split, batch_size: int, accum: int, seed: int, start_step: int = 0) -> Iterator[dict]:
-    """Endless micro-batches from optimisation step `start_step` on (see module docstring)."""
+def train_batches(split, batch_size: int, accum: int, seed: int, count: Callable[[dict], float],
+                  start_step: int = 0) -> Iterator[dict]:
+    """Endless micro-batches from optimisation step `start_step` on, `count` being the method's
+    (`Method.count`; see module docstring)."""
     stream = split.batches(batch_size, seed, start_step=start_step * accum)
     while True:
         group = [next(stream) for _ in range(accum)]
-        count = float(sum(b["loss_mask"].sum() for b in group))
+        count_of_step = float(sum(count(b) for b in group))
         for batch in group:
-            yield _with_count(batch, count)
+            yield _with_count(batch, count_of_step)
 
 
 def eval_batches(split, batch_size: int) -> Iterator[tuple[dict]]:

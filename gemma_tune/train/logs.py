@@ -2,7 +2,8 @@
 rows, fixed columns) and TensorBoard event files under `tensorboard/` (written with the tensorboard
 package's record writer on a plain file, so no backend imports TensorFlow for it).
 
-A row is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`. On resume, rows after the
+A row is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`, the metrics the run's method
+names (`csv_columns`). On resume, rows after the
 resumed step are dropped (`truncate_after`) so the files read as one uninterrupted run; a torn last line
 of metrics.jsonl is dropped with them.
 """
@@ -24,8 +25,12 @@ from gemma_tune.rundir import atomic_write_text
 
 log = logging.getLogger("gemma_tune")
 
-CSV_COLUMNS = ("step", "split", "loss", "perplexity", "accuracy", "learning_rate", "tokens", "tokens_per_s",
-               "mfu", "peak_memory_gib", "elapsed_s")
+RUN_COLUMNS = ("learning_rate", "tokens", "tokens_per_s", "mfu", "peak_memory_gib", "elapsed_s")
+
+
+def csv_columns(method) -> tuple[str, ...]:
+    """metrics.csv's columns for a run of `method`: step and split, the method's metrics, the run's figures."""
+    return ("step", "split") + method.metrics + method.eval_metrics + RUN_COLUMNS
 
 
 class EventFile:
@@ -52,10 +57,10 @@ class EventFile:
 
 
 class MetricsSink:
-    """Appends rows to metrics.jsonl / metrics.csv and scalars to TensorBoard; keeps them in `rows`."""
+    """Appends rows to metrics.jsonl / metrics.csv (`columns`) and scalars to TensorBoard; keeps them in `rows`."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, columns: tuple[str, ...], tensorboard: bool = True):
+        self.run_dir, self.columns = Path(run_dir), columns
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
         self.rows: list[dict] = self._read_jsonl()
@@ -97,7 +102,7 @@ class MetricsSink:
     def _rewrite(self) -> None:
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(table, self.columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.csv, table.getvalue())
@@ -109,7 +114,7 @@ class MetricsSink:
             f.write(json.dumps(row) + "\n")
         new_file = not self.csv.exists()
         with open(self.csv, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)

@@ -1,4 +1,6 @@
-"""`train(recipe, run_dir, resume)`: one SFT run in Keras' `fit`, from the model to the exports.
+"""`train(recipe, run_dir, resume)`: one run of the recipe's tuning method in Keras' `fit`, from the model
+to the exports. The method (`gemma_tune.methods`) says how batches are counted, what the forward pass
+yields, what is logged and which layers it adds; everything here is the same for every method.
 
 Steps: hold the run directory (`gemma_tune.rundir.RunDirectory`: lock, stale temporaries removed) ->
 decide whether to continue or start afresh (resume.py, before anything is built) -> build the model
@@ -52,16 +54,17 @@ def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dic
 
 def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     from gemma_tune.data import prepare
+    from gemma_tune.methods import build_method
     from gemma_tune.models import count_params
     from gemma_tune.train import checkpoint, measure, resume as resuming
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
                                             RestoreRNG, StopRequest, Throughput)
     from gemma_tune.train.data import for_fit, train_batches
-    from gemma_tune.train.logs import MetricsSink
+    from gemma_tune.train.logs import MetricsSink, csv_columns
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
     from gemma_tune.train.report import plot_loss, write_summary
-    from gemma_tune.train.task import CausalLMTrainer
+    from gemma_tune.train.task import MethodTrainer
 
     run_dir = held.path
     log.info("run %s on %s -> %s", recipe.name, backend, run_dir)
@@ -72,18 +75,19 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     start.check_length(steps, run_dir)
     schedule = WarmupSchedule.for_recipe(recipe.train, steps)
     optimizer = build_optimizer(recipe.train, schedule, loss_scaling=recipe.model.dtype == "float16")
-    trainer = CausalLMTrainer(lm, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
+    method = build_method(recipe)
+    trainer = MethodTrainer(lm, method, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
     trainer.compile(optimizer=optimizer, jit_compile=recipe.train.jit_compile)
     trainer.built = True  # the wrapped model is built; nothing of its own to build
     optimizer.build(trainer.trainable_variables)
 
     done, totals, rng = 0, {"tokens": 0.0, "trained_tokens": 0.0, "seconds": 0.0}, None
     if start.checkpoint is not None:
-        state = checkpoint.load(start.checkpoint, lm, optimizer)
+        state = checkpoint.load(start.checkpoint, trainer)
         done, totals, rng = state["step"], state.get("totals", totals), state.get("rng")
         log.info("resuming from %s (step %d of %d)", start.checkpoint, done, steps)
     held.commit(recipe, backend, fresh=start.fresh)
-    sink = MetricsSink(run_dir)
+    sink = MetricsSink(run_dir, csv_columns(method))
     if done:
         sink.truncate_after(done)
         _truncate_samples(run_dir / "samples.jsonl", done)
@@ -108,8 +112,8 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
                            "trained_tokens": totals["trained_tokens"] + now["trained_tokens"],
                            "seconds": totals["seconds"] + now["seconds"]}}
 
-    checkpointer = Checkpointer(run_dir, t.save_every, steps, lm, state_for, stop, **kw)
-    logger = MetricsLogger(sink, schedule, steps, t.log_every, throughput, **kw)
+    checkpointer = Checkpointer(run_dir, t.save_every, steps, state_for, stop, **kw)
+    logger = MetricsLogger(sink, schedule, steps, t.log_every, throughput, method, **kw)
     own = [RestoreRNG(rng)] if rng else []
     own += [NonFiniteGuard(run_dir, **kw), throughput, logger,
            Evaluator(data.eval, t.batch_size, sink, t.eval_every, steps, lm=lm, tokenizer=tokenizer,
@@ -119,7 +123,8 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
         if done < steps:
             log.info("training %d steps (%d to go) of batch %d x %d accumulated, %d tokens each row", steps,
                      steps - done, t.batch_size, t.grad_accum, recipe.data.max_length)
-            batches = train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, start_step=done)
+            batches = train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, method.count,
+                                    start_step=done)
             with stop:
                 trainer.fit(for_fit(batches), steps_per_epoch=(steps - done) * t.grad_accum, epochs=1,
                             verbose=0, shuffle=False, callbacks=own + list(callbacks))
@@ -131,7 +136,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
 
     interrupted = checkpointer.stopped_at is not None
     exports = {} if interrupted else _export(recipe, lm, tokenizer, run_dir)
-    curve = plot_loss(sink.rows, run_dir / "loss_curve.png")
+    curve = plot_loss(sink.rows, run_dir / "loss_curve.png", method.loss_label)
     summary = _summary(recipe, run_dir, steps, checkpointer.stopped_at or max(done, steps),
                        checkpointer.saved or start.checkpoint, throughput, sink, totals, exports, device,
                        data.stats, curve)
@@ -172,7 +177,7 @@ def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, 
     train_rows = [r for r in sink.rows if r["split"] == "train" and r.get("loss") is not None]
     eval_rows = [r for r in sink.rows if r["split"] == "eval"]
     return {
-        "name": recipe.name, "run_dir": str(run_dir),
+        "name": recipe.name, "method": recipe.method, "run_dir": str(run_dir),
         "status": "finished" if reached >= steps else "interrupted",
         "steps": reached,
         "total_steps": steps, "backend": keras.backend.backend(), "device": device or "cpu",

@@ -9,8 +9,9 @@ from gemma_tune.rundir import atomic_write_text
 from gemma_tune.tempfiles import atomic_file
 
 
-def plot_loss(rows: list[dict], path: Path) -> Path | None:
-    """Train (and eval) loss against step as a PNG (matplotlib, Agg); None when nothing was logged."""
+def plot_loss(rows: list[dict], path: Path, label: str = "loss") -> Path | None:
+    """Train (and eval) loss against step as a PNG (matplotlib, Agg), the y axis called `label`; None
+    when nothing was logged."""
     train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train" and r.get("loss") is not None]
     evals = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval" and r.get("loss") is not None]
     if not train and not evals:
@@ -27,7 +28,7 @@ def plot_loss(rows: list[dict], path: Path) -> Path | None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval", color="tab:orange")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per target token)")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -50,9 +51,8 @@ def write_summary(summary: dict, run_dir: Path) -> str:
     if summary.get("final_loss") is not None:
         lines.append(f"  loss        {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     if summary.get("eval"):
-        e = summary["eval"]
-        lines.append(f"  eval        loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
-                     f"accuracy {e['accuracy']:.3f}")
+        shown = {k: v for k, v in summary["eval"].items() if k not in ("step", "split", "tokens") and v is not None}
+        lines.append("  eval        " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     train_data = (summary.get("data") or {}).get("train")
     if train_data:
         lines.append(f"  data        {train_data['rows']:,} rows ({train_data['invalid']} invalid skipped, "
