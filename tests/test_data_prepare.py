@@ -42,6 +42,7 @@ def test_bundled_chat_packs_with_stats(tok, cache):
     out = prepare(data, tok, seed=0, cache_dir=cache)
     s = out.stats["train"]
     assert (s["rows"], s["invalid"], s["truncated"], s["sequences"]) == (400, 0, 0, 400)
+    assert (s["prompt_too_long"], s["identical"]) == (0, 0)  # the preference counts are 0 for other formats
     assert 0.9 < s["packing_efficiency"] <= 1.0
     assert s["packing_efficiency"] == pytest.approx(s["tokens"] / (s["rows_out"] * 128))
     assert len(out.train) == s["rows_out"] < 400 and out.stats["eval"]["rows"] == 60
@@ -78,11 +79,12 @@ def test_preference_pairs_stay_together(tok, cache):
     batch = next(out.train.batches(4, seed=0))
     assert set(batch) == {p + k for p in ("chosen_", "rejected_") for k in
                           ("token_ids", "segment_ids", "positions", "target_ids", "loss_mask")}
-    for i in range(4):  # same prompt in both halves of each row, different answers
-        c, r = batch["chosen_token_ids"][i], batch["rejected_token_ids"][i]
-        prompt_end = list(c).index(tok.token_to_id("model"))
+    for c, r in zip(out.train.arrays["chosen_token_ids"], out.train.arrays["rejected_token_ids"]):
+        prompt_end = list(c).index(tok.token_to_id("model"))  # same prompt in both halves, different answers
         assert (c[:prompt_end] == r[:prompt_end]).all() and not (c == r).all()
-    assert out.stats["train"]["sequences"] == 300
+    s = out.stats["train"]
+    # row 173 of the bundled file has the same chosen and rejected answer: skipped as identical
+    assert (s["rows"], s["identical"], s["prompt_too_long"], s["sequences"]) == (300, 1, 0, 299)
 
 
 def test_column_remapping_and_parquet_directory(tok, cache, tmp_path):

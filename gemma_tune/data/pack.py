@@ -27,6 +27,14 @@ def truncate(ids: list[int], labels: list[int], max_length: int, mode: str):
     return ids[:max_length], labels[:max_length]
 
 
+def truncate_pair(chosen, rejected, max_length: int):
+    """A preference pair of (ids, labels) cut to `max_length` at the end (the prompt's start is kept, the
+    responses are truncated), or None when the prompt alone, with its model-turn opener, fills `max_length`:
+    no response token (label 1) would remain in a sequence."""
+    pair = tuple(truncate(ids, labels, max_length, "right") for ids, labels in (chosen, rejected))
+    return None if any(not any(labels) for _, labels in pair) else pair
+
+
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins of sequence indices: longest first, each into the fullest bin that still has room.
 

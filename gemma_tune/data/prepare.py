@@ -6,6 +6,11 @@ skip invalid rows (file and 1-based row number) -> carve `eval_fraction` by seed
 (right|left|drop, counted; a split left without any trained token is a DataError) -> pack
 best-fit-decreasing (or one sequence per row; preference pairs always one pair per row) -> arrays of
 the batch contract (pack.py) -> `Split`s (batches.py).
+
+Preference pairs ignore `truncation`: a sequence over max_length keeps its start (the prompt) and loses
+the end of its response; a pair whose prompt alone reaches max_length is dropped (`prompt_too_long`), and
+one whose chosen and rejected are then the same tokens is skipped (`identical`), each counted with a
+warning.
 """
 
 from __future__ import annotations
@@ -20,23 +25,30 @@ import datasets
 
 from gemma_tune.data.batches import Split
 from gemma_tune.data.load import carve_eval, load_source
-from gemma_tune.data.pack import KEYS, best_fit_decreasing, build_rows, truncate
+from gemma_tune.data.pack import KEYS, best_fit_decreasing, build_rows, truncate, truncate_pair
 from gemma_tune.data.render import Tokenise
 from gemma_tune.errors import DataError
 
 log = logging.getLogger("gemma_tune.data")
 
+# a preference row's prompt may be implicit in chosen and rejected (render.preference_turns)
 REQUIRED_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
-                    "preference": ["prompt", "chosen", "rejected"]}
-RENDER_VERSION = "2"  # bump when rendering changes, so cached tokenisations are not reused
+                    "preference": ["chosen", "rejected"]}
+RENDER_VERSION = "3"  # bump when rendering changes, so cached tokenisations are not reused
 PARALLEL_ROWS = 1000
 
 
 @dataclass
 class PreparedData:
     """`train` / `eval` splits (eval None when there is none) and their `stats` ({"train": {...}, ...}:
-    rows, invalid, truncated, dropped, sequences, without_loss, rows_out, tokens, trained_tokens,
-    packing_efficiency)."""
+    rows, invalid, truncated, dropped, prompt_too_long, identical, sequences, without_loss, rows_out,
+    tokens, trained_tokens, packing_efficiency).
+
+    `rows` are the valid rows; `rows = sequences + dropped + prompt_too_long + identical` (`sequences`
+    counts pairs for preference data). `dropped` is truncation: drop (sft formats only); `prompt_too_long`
+    and `identical` are preference pairs left out, and 0 for other formats. `truncated` counts sequences
+    (two per pair) longer than max_length.
+    """
 
     train: Split
     eval: Split | None
@@ -86,35 +98,82 @@ def check_rows(ds: datasets.Dataset, where: str, skip_invalid: bool) -> tuple[da
     return ds, len(bad)
 
 
-def _truncated(ids_col, labels_col, data):
-    kept, truncated, dropped = [], 0, 0
-    for ids, labels in zip(ids_col, labels_col):
+def _sft_sequences(ds: datasets.Dataset, data, stats: dict) -> dict[str, list]:
+    """{"": (ids, labels) of each row kept}: sequences over max_length cut as `data.truncation` says.
+
+    Counts `truncated` (longer than max_length) and `dropped` (left out by truncation: drop).
+    """
+    kept, truncated = [], 0
+    for ids, labels in zip(ds["input_ids"], ds["labels"]):
         truncated += len(ids) > data.max_length
         cut = truncate(ids, labels, data.max_length, data.truncation)
-        if cut is None:
-            dropped += 1
-        kept.append(cut)
-    return kept, truncated, dropped
+        if cut is not None:
+            kept.append(cut)
+    stats.update(truncated=truncated, dropped=len(ds) - len(kept), prompt_too_long=0, identical=0)
+    return {"": kept}
+
+
+def _preference_pairs(ds: datasets.Dataset, data, stats: dict) -> dict[str, list]:
+    """{"chosen_": …, "rejected_": …}: (ids, labels) of each pair kept, in the same order.
+
+    Whatever `data.truncation` says, a sequence over max_length is cut at its end (the prompt's start is
+    kept, the response truncated; counted in `truncated`, per sequence). A pair is left out when its prompt
+    alone reaches max_length (`prompt_too_long`: no response token would remain), or else when its chosen
+    and rejected are the same token ids as cut (`identical`: there is no preference to learn).
+    """
+    kept = {"chosen_": [], "rejected_": []}
+    counts = {"truncated": 0, "dropped": 0, "prompt_too_long": 0, "identical": 0}
+    sequences = [zip(ds[f"{p}input_ids"], ds[f"{p}labels"]) for p in kept]
+    for chosen, rejected in zip(*sequences):
+        counts["truncated"] += (len(chosen[0]) > data.max_length) + (len(rejected[0]) > data.max_length)
+        pair = truncate_pair(chosen, rejected, data.max_length)
+        if pair is None:
+            counts["prompt_too_long"] += 1
+        elif pair[0][0] == pair[1][0]:
+            counts["identical"] += 1
+        else:
+            kept["chosen_"].append(pair[0])
+            kept["rejected_"].append(pair[1])
+    stats.update(counts)
+    return kept
+
+
+def _warn_left_out(stats: dict, data, where: str) -> None:
+    """A warning for each kind of preference pair left out, with its count."""
+    if stats["prompt_too_long"]:
+        log.warning("%s: dropped %d preference pairs whose prompt alone reaches max_length=%d (no response token "
+                    "would remain; raise data.max_length or shorten the prompts)", where, stats["prompt_too_long"],
+                    data.max_length)
+    if stats["identical"]:
+        log.warning("%s: skipped %d preference pairs whose chosen and rejected are the same tokens (within "
+                    "max_length=%d): they carry no preference", where, stats["identical"], data.max_length)
+
+
+def _nothing_left(n: int, stats: dict, data, where: str) -> DataError:
+    """The DataError for a split whose `n` valid rows were all left out, with the count of each reason."""
+    reasons = {"dropped": f"longer than max_length={data.max_length} and truncation is 'drop'",
+               "prompt_too_long": f"with a prompt that alone reaches max_length={data.max_length}",
+               "identical": "with the same chosen and rejected tokens"}
+    why = "; ".join(f"{stats[key]} {text}" for key, text in reasons.items() if stats[key])
+    return DataError(f"no rows left of {n}: {why}", where=where)
 
 
 def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats: dict, name: str) -> Split:
     """Truncate, pack and lay out the rows of the tokenised dataset of split `name`; fills `stats`.
 
+    Rows are cut or left out by `_sft_sequences` / `_preference_pairs`; none left is a DataError.
     `without_loss` counts sequences left with no trained target (e.g. right truncation cut the whole
     answer off): they cost compute and teach nothing, so they are reported; when no sequence keeps a
     trained target the split would train (or evaluate) on nothing, a DataError.
     """
-    names = ["chosen_", "rejected_"] if preference else [""]
-    columns = {p: _truncated(ds[f"{p}input_ids"], ds[f"{p}labels"], data) for p in names}
-    keep = [i for i in range(len(ds)) if all(columns[p][0][i] is not None for p in names)]
-    stats.update(truncated=sum(columns[p][1] for p in names), dropped=len(ds) - len(keep), sequences=len(keep),
-                 tokens=0, trained_tokens=0, without_loss=0)
-    if not keep:
-        raise DataError(f"no rows left: all {len(ds)} are longer than max_length={data.max_length} and "
-                        "truncation is 'drop'", where=where)
+    columns = (_preference_pairs if preference else _sft_sequences)(ds, data, stats)
+    kept = len(next(iter(columns.values())))
+    stats.update(sequences=kept, tokens=0, trained_tokens=0, without_loss=0)
+    _warn_left_out(stats, data, where)
+    if not kept:
+        raise _nothing_left(len(ds), stats, data, where)
     arrays, real_per_row = {}, 0
-    for p in names:
-        sequences = [columns[p][0][i] for i in keep]
+    for p, sequences in columns.items():
         lengths = [len(ids) for ids, _ in sequences]
         groups = (best_fit_decreasing(lengths, data.max_length) if data.packing and not preference
                   else [[i] for i in range(len(sequences))])
@@ -130,7 +189,7 @@ def build_split(ds: datasets.Dataset, data, preference: bool, where: str, stats:
                         "truncation: left (keeps the end of each sequence) or drop, or train on every token with "
                         "loss_on: all", where=where)
     stats["rows_out"] = len(real_per_row)
-    stats["packing_efficiency"] = stats["tokens"] / (len(real_per_row) * len(names) * data.max_length)
+    stats["packing_efficiency"] = stats["tokens"] / (len(real_per_row) * len(columns) * data.max_length)
     if stats["without_loss"]:
         log.warning("%s: %d sequences have no trained token after truncation (max_length=%d, truncation=%s)",
                     where, stats["without_loss"], data.max_length, data.truncation)
@@ -163,8 +222,9 @@ def prepare(data, tokenizer, seed: int, cache_dir: str | None = None) -> Prepare
         stats[name] = {"rows": len(ds), "invalid": invalid}
         splits[name] = build_split(ds, data, preference, where, stats[name], name)
     for name, s in stats.items():
-        log.info("data %s: %d rows (%d invalid skipped, %d truncated, %d dropped) -> %d sequences in %d rows "
+        pairs = f", {s['prompt_too_long']} prompt too long, {s['identical']} identical" if preference else ""
+        log.info("data %s: %d rows (%d invalid skipped, %d truncated, %d dropped%s) -> %d sequences in %d rows "
                  "of %d, %d tokens (%d trained), packing efficiency %.1f%%", name, s["rows"], s["invalid"],
-                 s["truncated"], s["dropped"], s["sequences"], s["rows_out"], data.max_length, s["tokens"],
+                 s["truncated"], s["dropped"], pairs, s["sequences"], s["rows_out"], data.max_length, s["tokens"],
                  s["trained_tokens"], 100 * s["packing_efficiency"])
     return PreparedData(splits["train"], splits.get("eval"), stats)

@@ -17,8 +17,11 @@ Each piece is tokenised on its own so labels are exact. `label = 1` marks a toke
 - `loss_on: all` — every token.
 Formats: text = bos + text + eos (all trained: there is no prompt); prompt_completion with
 `template: chat` = one user/model turn pair, with `template: none` = bos + prompt (not trained) +
-completion + eos (trained); preference = the prompt (a string: one user turn; or messages) followed by
-`chosen` / `rejected` (a string: one model turn; or messages of model turns), each its own sequence.
+completion + eos (trained); preference = the prompt followed by `chosen` / `rejected`, each its own
+sequence (layouts in `preference_turns`).
+
+Preference sequences are labelled as `loss_on: completion` whatever `loss_on` says: a preference
+log-probability (DPO, IPO, SimPO, ORPO, reward models) is over the response tokens only, never the prompt's.
 """
 
 from __future__ import annotations
@@ -90,6 +93,72 @@ def chat_pieces(messages: list[tuple[str, str]], bos_id: int, first_trained_turn
     return pieces
 
 
+def _key(turn: tuple[str, str]) -> tuple[str, str]:
+    """What a turn renders as: its role (assistant = model) and content (stripped, but a system message's)."""
+    role, content = turn
+    return ROLES.get(role, role), content if role == "system" else content.strip()
+
+
+def _starts_with(turns: list[tuple[str, str]], prefix: list[tuple[str, str]]) -> bool:
+    return len(turns) >= len(prefix) and all(_key(a) == _key(b) for a, b in zip(turns, prefix))
+
+
+def _conversation(value, name: str) -> list[tuple[str, str]]:
+    """The turns of `chosen` / `rejected` in a row without a prompt: a full conversation (messages)."""
+    if isinstance(value, str):
+        raise RowError(f"{name!r} is a string but the row has no prompt: without a prompt, chosen and rejected "
+                       "must be full conversations (messages lists) that share their opening turns (a raw "
+                       "transcript such as hh-rlhf's '\\n\\nHuman: … \\n\\nAssistant: …' is not parsed: "
+                       "convert it to messages, or give the prompt in its own column)")
+    return _messages(value, name)
+
+
+def implicit_prompt(chosen: list[tuple[str, str]], rejected: list[tuple[str, str]]) -> int:
+    """The number of opening turns that are the prompt of two full conversations.
+
+    The prompt is their longest shared prefix of whole turns (turns that render the same), which must end
+    with a user turn; what follows in each is its response. A pair that shares no opening turn, or whose
+    shared turns do not end with a user turn, is a RowError. The same conversation twice splits at its last user
+    turn (the pair is then identical, and skipped as such when prepared).
+    """
+    n = 0
+    while n < min(len(chosen), len(rejected)) and _key(chosen[n]) == _key(rejected[n]):
+        n += 1
+    if n == len(chosen) == len(rejected):
+        n = max((i + 1 for i, turn in enumerate(chosen) if _key(turn)[0] == "user"), default=n)
+    if n == 0:
+        raise RowError("chosen and rejected share no opening turn: without a prompt, they must be full "
+                       "conversations that begin with the same prompt turns")
+    if _key(chosen[n - 1])[0] != "user":
+        raise RowError(f"the opening turns chosen and rejected share ({n}) end with {chosen[n - 1][0]!r}, not a "
+                       "user turn: without a prompt, the turns they share are the prompt and must end with a "
+                       "user turn")
+    return n
+
+
+def preference_turns(row: dict) -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]]:
+    """(prompt turns, {"chosen": response turns, "rejected": response turns}) of a preference row.
+
+    - Explicit prompt: `prompt` is a string (one user turn) or messages; `chosen` / `rejected` are each a
+      string (one model turn) or messages. A response whose messages begin with the prompt's turns (the
+      layout of HuggingFaceH4/ultrafeedback_binarized, which has both) has that copy removed.
+    - Implicit prompt: no `prompt` (no column, or null): `chosen` and `rejected` are full conversations
+      and the prompt is their shared opening turns (`implicit_prompt`).
+    """
+    raw = row.get("prompt")
+    if raw is None:
+        chosen, rejected = _conversation(row.get("chosen"), "chosen"), _conversation(row.get("rejected"), "rejected")
+        n = implicit_prompt(chosen, rejected)
+        return chosen[:n], {"chosen": chosen[n:], "rejected": rejected[n:]}
+    prompt = [("user", raw)] if isinstance(raw, str) else _messages(raw, "prompt")
+    responses = {}
+    for name in ("chosen", "rejected"):
+        value = row.get(name)
+        turns = [("model", value)] if isinstance(value, str) else _messages(value, name)
+        responses[name] = turns[len(prompt):] if _starts_with(turns, prompt) else turns
+    return prompt, responses
+
+
 def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int) -> dict[str, list[Piece]]:
     """{sequence name: pieces}: {"": …} for sft formats, {"chosen": …, "rejected": …} for preference."""
     if fmt == "text":
@@ -106,15 +175,10 @@ def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int) -> 
     if fmt == "chat":
         return {"": chat_pieces(_messages(row.get("messages"), "messages"), bos_id)}
     if fmt == "preference":
-        raw = row.get("prompt")
-        prompt = [("user", raw)] if isinstance(raw, str) else _messages(raw, "prompt")
+        prompt, responses = preference_turns(row)
         n_prompt = len(prompt) - (1 if prompt and prompt[0][0] == "system" else 0)
-        out = {}
-        for name in ("chosen", "rejected"):
-            value = row.get(name)
-            response = [("model", value)] if isinstance(value, str) else _messages(value, name)
-            out[name] = chat_pieces(prompt + response, bos_id, first_trained_turn=n_prompt)
-        return out
+        return {name: chat_pieces(prompt + turns, bos_id, first_trained_turn=n_prompt)
+                for name, turns in responses.items()}
     raise RowError(f"unknown format {fmt!r}")
 
 
@@ -124,7 +188,8 @@ class Tokenise:
 
     Holds the tokenizer's path (picklable for `num_proc` workers) and loads it once per process.
     Output columns: `{prefix}input_ids`, `{prefix}labels` for prefix "" or "chosen_"/"rejected_", and
-    `error` ("" for a valid row).
+    `error` ("" for a valid row). `loss_on: all` labels every token of sft formats; preference labels are
+    always the response tokens (module docstring).
     """
 
     tokenizer_path: str
@@ -148,12 +213,13 @@ class Tokenise:
             sequences = row_pieces(row, self.fmt, self.template, tok.bos_id, tok.eos_id)
         except RowError as e:
             return {**out, "error": str(e)}
+        every_token = self.loss_on == "all" and self.fmt != "preference"
         for name, pieces in sequences.items():
             prefix = f"{name}_" if name else ""
             for text, token_id, trained in pieces:
                 ids = [token_id] if text is None else tok.encode(text)
                 out[f"{prefix}input_ids"] += ids
-                out[f"{prefix}labels"] += [int(trained or self.loss_on == "all")] * len(ids)
+                out[f"{prefix}labels"] += [int(trained or every_token)] * len(ids)
         return {**out, "error": ""}
 
     def __getstate__(self):

@@ -1,0 +1,66 @@
+"""Per-sequence log-probabilities of target tokens, computed in chunks from hidden states.
+
+For each row b, over the positions t with loss_mask[b, t] = 1, target token y_bt and final hidden
+state h_bt,
+
+    z_bt       = cap · tanh((h_bt · Eᵀ) / cap)          (E the tied embedding [V, H]; no cap when None)
+    log p_bt   = z_bt[y_bt] − logsumexp(z_bt)            (in float32)
+    logp_sum_b = Σ_t loss_mask[b, t] · log p_bt,   count_b = Σ_t loss_mask[b, t]
+
+the sequence log-likelihood log π(y | x) that preference objectives (DPO, IPO, SimPO, ORPO) compare;
+logp_sum / count is the length-averaged log-probability. As in `gemma_tune.methods.sft`, the logits
+are built one chunk of the sequence axis at a time — [B, c, V] with c = max(1, chunk_size // B) —
+and each chunk is rematerialised (`keras.remat`), so only one chunk's logits are alive in the forward
+and in the backward pass: never the [B, T, V] tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+def _chunk_logps(hidden, embedding, targets, mask, softcap):
+    """Σ_t mask · log p(target) per row of one chunk: hidden [B, c, H], targets/mask [B, c] -> [B]."""
+    logits = ops.cast(ops.matmul(hidden, ops.transpose(embedding)), "float32")
+    if softcap is not None:
+        logits = softcap * ops.tanh(logits / softcap)
+    target_logit = ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
+    logp = target_logit - ops.logsumexp(logits, axis=-1)
+    return ops.sum(logp * mask, axis=-1)
+
+
+def sequence_logps(hidden, embedding, target_ids, loss_mask, *, chunk_size: int = 1024,
+                   final_logit_softcap: float | None = None, remat: bool = True):
+    """Chunked per-sequence log-probabilities (module docstring) -> (logp_sum [B], count [B]), float32.
+
+    hidden [B, T, H] (any float dtype; the projection h·Eᵀ runs in it, the soft-cap and log-softmax in
+    float32 — pass float32 hidden states for a float32 projection), embedding [V, H], target_ids [B, T]
+    int, loss_mask [B, T] (1 = counted). `chunk_size` is the number of tokens (all rows together) whose
+    logits one chunk holds. Shapes must be static.
+    """
+    if any(d is None for d in hidden.shape):
+        raise ValueError(f"sequence_logps needs static shapes to plan its chunks, got hidden states {hidden.shape}")
+    batch, length, _ = hidden.shape
+    targets = ops.cast(target_ids, "int32")
+    mask = ops.cast(loss_mask, "float32")
+    embedding = ops.cast(embedding, hidden.dtype)
+    chunk = min(max(1, chunk_size // batch), length)
+    chunks = math.ceil(length / chunk)
+    if chunks * chunk != length:  # pad the tail: padded positions have mask 0 and add nothing
+        pad = chunks * chunk - length
+        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = ops.pad(targets, ((0, 0), (0, pad)))
+        mask = ops.pad(mask, ((0, 0), (0, pad)))
+
+    def logps(h, e, t, m):
+        return _chunk_logps(h, e, t, m, final_logit_softcap)
+
+    step = keras.remat(logps) if remat and chunks > 1 else logps
+    logp_sum = ops.zeros((batch,), "float32")
+    for i in range(chunks):
+        part = slice(i * chunk, (i + 1) * chunk)
+        logp_sum = logp_sum + step(hidden[:, part], embedding, targets[:, part], mask[:, part])
+    return logp_sum, ops.sum(mask, axis=-1)
