@@ -44,6 +44,7 @@ from gemma_tune.tempfiles import atomic_file, remove_stale
 PACKAGES = ("gemma_tune", "keras", "keras-hub", "jax", "jaxlib", "tensorflow", "torch", "numpy", "datasets",
             "safetensors", "sentencepiece", "huggingface_hub", "kagglehub", "pydantic")
 MANAGED = ("recipe.yaml", "manifest.json", "logs", "metrics.jsonl", "metrics.csv", "tensorboard", "samples.jsonl",
+           "reference",
            "loss_curve.png", "summary.json", "checkpoints", "exports")
 RESULTS = ("checkpoints", "exports")  # what a fresh start moves aside rather than overwrites
 log = logging.getLogger("gemma_tune")

@@ -33,8 +33,15 @@ class MethodSpec:
 
 
 SFT_FORMATS = ("text", "prompt_completion", "chat")
+REFERENCE = {"reference": None, "precompute_reference": None}
 METHODS = {spec.name: spec for spec in (
     MethodSpec("sft", SFT_FORMATS, "gemma_tune.methods.sft:SFT"),
+    MethodSpec("dpo", ("preference",), "gemma_tune.methods.dpo:DPO", "preference",
+               {"beta": 0.1, "label_smoothing": 0.0, **REFERENCE}),
+    MethodSpec("ipo", ("preference",), "gemma_tune.methods.ipo:IPO", "preference", {"beta": 0.1, **REFERENCE}),
+    MethodSpec("simpo", ("preference",), "gemma_tune.methods.simpo:SimPO", "preference",
+               {"beta": 2.0, "gamma": 1.0, "sft_weight": 0.0}),
+    MethodSpec("orpo", ("preference",), "gemma_tune.methods.orpo:ORPO", "preference", {"beta": 0.1}),
 )}
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from keras import ops
 
+from gemma_tune.methods.preference import PreferenceMethod
+
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1,
              label_smoothing: float = 0.0):
@@ -33,3 +35,14 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     margin = beta * (chosen_ratio - rejected_ratio)
     losses = -(1.0 - label_smoothing) * ops.log_sigmoid(margin) - label_smoothing * ops.log_sigmoid(-margin)
     return losses, ops.stop_gradient(beta * chosen_ratio), ops.stop_gradient(beta * rejected_ratio)
+
+
+class DPO(PreferenceMethod):
+    """DPO against a reference model (`gemma_tune.methods.preference`); options beta, label_smoothing."""
+
+    uses_reference = True
+
+    def pair_terms(self, policy, reference, batch):
+        losses, chosen, rejected = dpo_loss(policy.chosen, policy.rejected, reference.chosen, reference.rejected,
+                                            beta=self.options["beta"], label_smoothing=self.options["label_smoothing"])
+        return {"losses": losses, "chosen_rewards": chosen, "rejected_rewards": rejected}

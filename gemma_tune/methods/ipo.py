@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from keras import ops
 
+from gemma_tune.methods.preference import PreferenceMethod
+
 
 def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
     """Per-pair IPO losses (module docstring) -> (losses, chosen_rewards, rejected_rewards), each [B].
@@ -30,3 +32,14 @@ def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     rejected_ratio = rejected_logps - ref_rejected_logps
     losses = ops.square(chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta))
     return losses, ops.stop_gradient(beta * chosen_ratio), ops.stop_gradient(beta * rejected_ratio)
+
+
+class IPO(PreferenceMethod):
+    """IPO against a reference model, on length-averaged log-probabilities; option beta."""
+
+    uses_reference = True
+
+    def pair_terms(self, policy, reference, batch):
+        losses, chosen, rejected = ipo_loss(policy.chosen_mean, policy.rejected_mean, reference.chosen_mean,
+                                            reference.rejected_mean, beta=self.options["beta"])
+        return {"losses": losses, "chosen_rewards": chosen, "rejected_rewards": rejected}

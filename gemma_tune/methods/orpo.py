@@ -26,6 +26,9 @@ from __future__ import annotations
 
 from keras import ops
 
+from gemma_tune.methods.base import ratio
+from gemma_tune.methods.preference import PreferenceMethod
+
 
 def _log_odds(avg_logps):
     """log(p / (1 − p)) for p = exp(avg_logps) < 1, accurate where p is close to 1."""
@@ -51,3 +54,31 @@ def chosen_nll(chosen_logp_sum, num_targets):
     batch, as in `gemma_tune.methods.sft` (≥ 1 is enforced).
     """
     return -ops.sum(ops.cast(chosen_logp_sum, "float32")) / ops.maximum(ops.cast(num_targets, "float32"), 1.0)
+
+
+class ORPO(PreferenceMethod):
+    """ORPO, no reference model: NLL(y_w) − λ·mean log σ(log odds ratio), λ = preference.beta. Metrics add
+    TRL's `nll_loss` (the chosen tokens' mean NLL) and `log_odds_ratio` (mean log σ term) and
+    `log_odds_chosen` (mean log odds difference); the rewards are β·ā."""
+
+    stats = PreferenceMethod.stats + ("nll", "log_odds_ratio", "log_odds_chosen")
+    counts = ("pairs", "chosen_targets")
+    metrics = PreferenceMethod.metrics + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+    def pair_terms(self, policy, reference, batch):
+        weight = self.options["beta"]
+        term, log_odds = odds_ratio_loss(policy.chosen_mean, policy.rejected_mean)
+        valid = ops.cast(ops.greater(policy.chosen_count, 0.0), "float32")
+        return {"losses": -weight * term, "extra_loss": chosen_nll(policy.chosen, batch["step_chosen_targets"][0]),
+                "chosen_rewards": ops.stop_gradient(weight * policy.chosen_mean),
+                "rejected_rewards": ops.stop_gradient(weight * policy.rejected_mean),
+                "nll": -ops.sum(ops.stop_gradient(policy.chosen)),
+                "log_odds_ratio": ops.sum(ops.stop_gradient(term) * valid),
+                "log_odds_chosen": ops.sum(ops.stop_gradient(log_odds) * valid)}
+
+    def metric_values(self, sums, split):
+        values = super().metric_values(sums, split)
+        values.update({"nll_loss": ratio(sums["nll"], sums["chosen_targets"]),
+                       "log_odds_ratio": ratio(sums["log_odds_ratio"], sums["pairs"]),
+                       "log_odds_chosen": ratio(sums["log_odds_chosen"], sums["pairs"])})
+        return values

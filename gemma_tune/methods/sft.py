@@ -86,19 +86,19 @@ class SFT(Method):
     """Supervised fine-tuning on text, prompt/completion and chat rows (module docstring)."""
 
     stats = ("correct", "targets", "tokens")
-    count_of = "targets"
+    counts = ("targets",)
     metrics = ("loss", "accuracy")
     eval_metrics = ("perplexity",)
     loss_label = "loss (nats per target token)"
 
     def count(self, batch):
-        return float(batch["loss_mask"].sum())
+        return {"targets": float(batch["loss_mask"].sum())}
 
     def forward(self, trainer, batch, training):
         lm = trainer.lm
         hidden = lm({k: batch[k] for k in MODEL_INPUTS}, training=training, return_hidden_states=True)
         loss, correct = sft_loss(hidden, lm.token_embedding.embeddings, batch["target_ids"], batch["loss_mask"],
-                                 batch["step_count"][0], chunk_size=trainer.chunk_size,
+                                 batch["step_targets"][0], chunk_size=trainer.chunk_size,
                                  final_logit_softcap=lm.architecture.final_logit_softcap)
         return {"loss": loss, "correct": correct,
                 "targets": ops.sum(ops.cast(batch["loss_mask"], "float32")),

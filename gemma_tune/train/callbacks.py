@@ -217,19 +217,20 @@ def _inference():
 
 
 class _SumTestBatches(keras.callbacks.Callback):
-    def __init__(self):
+    def __init__(self, count_of: str):
         super().__init__()
+        self.count_of = count_of
         self.sums: dict[str, float] = {}
 
     def on_test_batch_end(self, batch, logs=None):
-        add_stats(self.sums, logs)
+        add_stats(self.sums, logs, weight_loss_by=self.count_of)
 
 
 def evaluate(trainer, split, batch_size: int) -> dict:
     """The method's eval metrics over the whole `split` (every row once), and its tokens."""
-    summed = _SumTestBatches()
-    trainer.evaluate(for_fit(eval_batches(split, batch_size)), steps=split.steps_per_epoch(batch_size), verbose=0,
-                     callbacks=[summed])
+    summed = _SumTestBatches(trainer.method.count_of)
+    trainer.evaluate(for_fit(eval_batches(split, batch_size, trainer.method.count)),
+                     steps=split.steps_per_epoch(batch_size), verbose=0, callbacks=[summed])
     return {**trainer.method.metric_values(summed.sums, "eval"), "tokens": summed.sums["tokens"]}
 
 

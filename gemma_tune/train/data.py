@@ -2,12 +2,12 @@
 
 Training: micro-batch j (0-based, counted over the run) is `split.batches(batch_size, seed)` batch j;
 optimisation step k is micro-batches k·accum … k·accum + accum − 1, and each of them carries
-`step_count` = the method's count (`Method.count`: trained targets for SFT, pairs for preference
-methods) summed over all `accum` of them, so that the loss of every micro-batch is divided by the count
-of the whole step. Resuming after k steps starts at micro-batch k·accum: the same batches as an
+`step_<name>` [B] for each of the method's counts (`Method.count`: trained targets for SFT, pairs for
+preference methods) summed over all `accum` of them, so that the loss of every micro-batch is divided
+by the counts of the whole step. Resuming after k steps starts at micro-batch k·accum: the same batches as an
 uninterrupted run.
 
-Evaluation: every row once (`split.one_pass`), `step_count` = 1, so the loss of a batch is its sum.
+Evaluation: every row once (`split.one_pass`), each batch with its own counts (a batch is its own step).
 
 `for_fit` hands an iterator to Keras: as is, except on TensorFlow, where it becomes a `tf.data`
 pipeline with the batch's static shapes (Keras' own generator adapter leaves the batch dimension
@@ -21,29 +21,32 @@ from typing import Callable, Iterator
 import numpy as np
 
 
-def _with_count(batch: dict, count: float) -> tuple[dict]:
+def _with_counts(batch: dict, counts: dict[str, float]) -> tuple[dict]:
     """`(inputs,)`: Keras takes a generator's items as (x,) / (x, y) tuples; the methods have no separate y."""
     batch = dict(batch)
     rows = len(next(iter(batch.values())))
-    batch["step_count"] = np.full((rows,), count, np.float32)
+    for name, value in counts.items():
+        batch[f"step_{name}"] = np.full((rows,), value, np.float32)
     return (batch,)
 
 
-def train_batches(split, batch_size: int, accum: int, seed: int, count: Callable[[dict], float],
+def train_batches(split, batch_size: int, accum: int, seed: int, count: Callable[[dict], dict[str, float]],
                   start_step: int = 0) -> Iterator[dict]:
     """Endless micro-batches from optimisation step `start_step` on, `count` being the method's
     (`Method.count`; see module docstring)."""
     stream = split.batches(batch_size, seed, start_step=start_step * accum)
     while True:
         group = [next(stream) for _ in range(accum)]
-        count_of_step = float(sum(count(b) for b in group))
+        per_batch = [count(b) for b in group]
+        step = {name: float(sum(c[name] for c in per_batch)) for name in per_batch[0]}
         for batch in group:
-            yield _with_count(batch, count_of_step)
+            yield _with_counts(batch, step)
 
 
-def eval_batches(split, batch_size: int) -> Iterator[tuple[dict]]:
+def eval_batches(split, batch_size: int, count: Callable[[dict], dict[str, float]]) -> Iterator[tuple[dict]]:
+    """Every row once, each batch with its own counts (`Method.count`)."""
     for batch in split.one_pass(batch_size):
-        yield _with_count(batch, 1.0)
+        yield _with_counts(batch, count(batch))
 
 
 def for_fit(batches: Iterator[tuple[dict]]):

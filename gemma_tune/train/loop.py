@@ -76,6 +76,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     schedule = WarmupSchedule.for_recipe(recipe.train, steps)
     optimizer = build_optimizer(recipe.train, schedule, loss_scaling=recipe.model.dtype == "float16")
     method = build_method(recipe)
+    method.setup(lm, data, run_dir)  # with the starting weights: before a checkpoint is restored
     trainer = MethodTrainer(lm, method, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
     trainer.compile(optimizer=optimizer, jit_compile=recipe.train.jit_compile)
     trainer.built = True  # the wrapped model is built; nothing of its own to build
@@ -87,6 +88,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
         done, totals, rng = state["step"], state.get("totals", totals), state.get("rng")
         log.info("resuming from %s (step %d of %d)", start.checkpoint, done, steps)
     held.commit(recipe, backend, fresh=start.fresh)
+    method.save(run_dir)
     sink = MetricsSink(run_dir, csv_columns(method))
     if done:
         sink.truncate_after(done)
