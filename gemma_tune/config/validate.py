@@ -16,13 +16,12 @@ from gemma_tune.config import presets, schema
 from gemma_tune.config.compose import Provenance, compose_file, deep_merge, parse_overrides
 from gemma_tune.config.paths import is_remote, resolve_existing
 from gemma_tune.errors import CheckpointError, ConfigError
-from gemma_tune.methods import METHODS
+from gemma_tune.methods import METHODS, method_options
 from gemma_tune.models.config import Architecture
 
 Problem = tuple[tuple[str, ...], str]
-OPTION_SECTIONS = ("preference",)  # recipe sections that hold a method's options (MethodSpec.section)
-PLANNED_METHODS = {"reward": "it arrives with reward models", "grpo": "it arrives with online RL",
-                   "rloo": "it arrives with online RL"}
+OPTION_SECTIONS = ("preference", "reward")  # recipe sections that hold a method's options (MethodSpec.section)
+PLANNED_METHODS = {"grpo": "it arrives with online RL", "rloo": "it arrives with online RL"}
 
 
 def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = (),
@@ -161,6 +160,9 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
         add("quantize", "quantising the base model freezes it: it needs `lora:` adapters to train (QLoRA)")
     if "peft" in recipe.export.formats and recipe.lora is None:
         add("export.formats", "the peft format writes LoRA adapters: it needs `lora:`")
+    if recipe.method == "reward" and "keras" in recipe.export.formats:
+        add("export.formats", "a reward model exports as safetensors (transformers' *ForSequenceClassification) or "
+                              "peft (adapters and score head); the keras format holds a causal LM")
     train = recipe.train
     if train.max_steps is not None and train.warmup_steps >= train.max_steps:
         add("train.warmup_steps", f"expected fewer warmup steps than train.max_steps ({train.max_steps}), "
@@ -189,6 +191,8 @@ def _check_method_options(recipe: schema.Recipe, spec) -> list[Problem]:
             continue
         problems += [((section, key), f"not an option of {spec.name} (its options: {', '.join(spec.defaults)})")
                      for key in given if key not in spec.defaults]
+    if spec is not None and spec.check is not None:
+        problems += [((spec.section, key), message) for key, message in spec.check(recipe, method_options(recipe))]
     return problems
 
 

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """What a recipe knows of a method: `formats` it trains on, `section` of the recipe that holds its
-    options (None: it takes none) with each option's `defaults`, and `behaviour` = "module:Class"."""
+    options (None: it takes none) with each option's `defaults`, `behaviour` = "module:Class", and
+    `check(recipe, options)`, rules its options obey beyond their types (keys relative to `section`)."""
 
     name: str
     formats: tuple[str, ...]
     behaviour: str
     section: str | None = None
     defaults: dict = field(default_factory=dict)
+    check: Callable[[object, dict], list[tuple[str, str]]] | None = None  # more rules: [(key, problem)]
 
     def load(self):
         """The `Method` subclass (imports Keras)."""
@@ -32,16 +35,27 @@ class MethodSpec:
         return getattr(importlib.import_module(module), cls)
 
 
+def reference_rules(recipe, options: dict) -> list[tuple[str, str]]:
+    """DPO/IPO: a reference computed at every step exists only as the LoRA model with its adapters off."""
+    if options["precompute_reference"] is False and (recipe.lora is None or options["reference"] is not None):
+        return [("precompute_reference", "false needs lora: and preference.reference null (the reference is then "
+                                         "the model with its adapters off); a frozen second model is always "
+                                         "precomputed")]
+    return []
+
+
 SFT_FORMATS = ("text", "prompt_completion", "chat")
-REFERENCE = {"reference": None, "precompute_reference": None}
+REFERENCE = {"reference": None, "precompute_reference": None}  # dpo/ipo; checked by reference_rules
 METHODS = {spec.name: spec for spec in (
     MethodSpec("sft", SFT_FORMATS, "gemma_tune.methods.sft:SFT"),
     MethodSpec("dpo", ("preference",), "gemma_tune.methods.dpo:DPO", "preference",
-               {"beta": 0.1, "label_smoothing": 0.0, **REFERENCE}),
-    MethodSpec("ipo", ("preference",), "gemma_tune.methods.ipo:IPO", "preference", {"beta": 0.1, **REFERENCE}),
+               {"beta": 0.1, "label_smoothing": 0.0, **REFERENCE}, reference_rules),
+    MethodSpec("ipo", ("preference",), "gemma_tune.methods.ipo:IPO", "preference", {"beta": 0.1, **REFERENCE},
+               reference_rules),
     MethodSpec("simpo", ("preference",), "gemma_tune.methods.simpo:SimPO", "preference",
                {"beta": 2.0, "gamma": 1.0, "sft_weight": 0.0}),
     MethodSpec("orpo", ("preference",), "gemma_tune.methods.orpo:ORPO", "preference", {"beta": 0.1}),
+    MethodSpec("reward", ("preference",), "gemma_tune.methods.reward:Reward", "reward", {"center_coefficient": 0.0}),
 )}
 
 

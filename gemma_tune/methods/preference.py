@@ -13,12 +13,13 @@ with P the real pairs of the whole optimisation step (`step_pairs`). Metrics car
 `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (share of pairs whose chosen reward is the
 larger), `rewards/margins`, `logps/chosen`, `logps/rejected` (summed log-probabilities), means over pairs.
 
-The reference model of DPO/IPO (`uses_reference`), `preference.reference`: null is the starting model —
-with LoRA the same model with its adapters switched off for that pass (no second copy of the weights),
-else a frozen copy — or any source `model.weights` accepts. With `preference.precompute_reference`
-(null: true for full fine-tuning, false with LoRA) its log-probabilities are computed once, before
-training, and cached in `RUN_DIR/reference/logps.safetensors`, keyed by the data's token arrays and
-what the reference is, so that a resumed run reuses them.
+The reference model of DPO/IPO (`uses_reference`), `preference.reference`: null is the starting model,
+or any source `model.weights` accepts. Its log-probabilities are computed once, before training, and
+cached in `RUN_DIR/reference/logps.safetensors`, keyed by the data's token arrays and what the reference
+is, so that a resumed run reuses them (`preference.precompute_reference`, null = true; with a second
+model, a frozen copy, this is the only way: its weights are dropped before training) — or, with LoRA
+and the starting model as reference, `precompute_reference: false` computes them at every step with the
+adapters switched off for that pass (no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -86,12 +87,10 @@ class PreferenceMethod(Method):
 
     def __init__(self, recipe, options: dict):
         super().__init__(recipe, options)
-        self.reference_model = None
         self._cache: dict[str, np.ndarray] | None = None
         self._cache_key: str | None = None
-        if self.uses_reference:
-            precompute = options.get("precompute_reference")
-            self.precompute = recipe.lora is None if precompute is None else precompute
+        if self.uses_reference:  # validation allows precompute_reference false only with LoRA, reference null
+            self.precompute = options.get("precompute_reference") is not False
 
     @abc.abstractmethod
     def pair_terms(self, policy: Logps, reference: Logps | None, batch) -> dict:
@@ -138,9 +137,6 @@ class PreferenceMethod(Method):
     def _reference(self, trainer, batch, policy: Logps) -> Logps:
         if self.precompute:
             chosen, rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        elif trainer.reference is not None:
-            ref = pair_logps(trainer.reference, batch, False, trainer.chunk_size)
-            chosen, rejected = ref.chosen, ref.rejected
         else:  # LoRA: the same weights with the adapters off
             from gemma_tune.models import adapters_disabled
 
@@ -155,14 +151,12 @@ class PreferenceMethod(Method):
             return
         source = self.options.get("reference")
         if not self.precompute:
-            if source is not None or self.recipe.lora is None:
-                self.reference_model = self._frozen_reference(lm, source)
             return
         splits = {name: split for name, split in (("train", data.train), ("eval", data.eval)) if split is not None}
         self._cache_key = self._key(splits, source)
         cached = self._read_cache(Path(run_dir) / CACHE)
         if cached is None:
-            scorer_lm = self._frozen_reference(lm, source) if source is not None else lm
+            scorer_lm = self._reference_model(source) if source is not None else lm
             cached = {f"{name}_{side}": values for name, split in splits.items()
                       for side, values in zip(SIDES, self._score(scorer_lm, split, lora_off=source is None))}
             self._cache = cached
@@ -215,20 +209,12 @@ class PreferenceMethod(Method):
             log.warning("%s is unreadable: recomputing the reference log-probabilities", path)
             return None
 
-    def _frozen_reference(self, lm, source):
-        """A frozen reference: the model at `source`, or a copy of `lm` as it is now (the starting weights)."""
-        if source is not None:
-            from gemma_tune.loading import load_model
+    def _reference_model(self, source):
+        """The model at `source`, in the recipe's compute dtype, for the one pass before training."""
+        from gemma_tune.loading import load_model
+        from gemma_tune.train.build import POLICIES
 
-            reference = load_model(source, dtype=lm.dtype_policy.name)
-        else:
-            from gemma_tune.models import build_model
-
-            reference = build_model(lm.architecture, dtype=lm.dtype_policy.name)
-            for mine, theirs in zip(reference.variables, lm.variables):
-                mine.assign(theirs.value)
-        reference.trainable = False
-        return reference
+        return load_model(source, dtype=POLICIES[self.recipe.model.dtype])
 
     def _score(self, lm, split, lora_off: bool) -> tuple[np.ndarray, np.ndarray]:
         """Per-row summed completion log-probabilities of both sides of `split` under `lm` (with its LoRA
@@ -246,7 +232,7 @@ class _Scorer(keras.Model):
     """`predict` over pairs: {"chosen": [B], "rejected": [B]} summed completion log-probabilities."""
 
     def __init__(self, lm, lora_off: bool, chunk_size: int):
-        super().__init__()
+        super().__init__(name="reference_scorer")
         self.lm, self.lora_off, self.chunk_size = lm, lora_off, chunk_size
 
     def call(self, batch):

@@ -9,8 +9,6 @@ callbacks unchanged. The train step itself is Keras' own on every backend.
 
 Batches are the data contract's dicts plus `step_<count>` [B] for each of the method's counts (every
 entry that count over the optimisation step the micro-batch belongs to; see `gemma_tune.train.data`).
-The method's `reference` model, when it keeps one at hand (a frozen copy for DPO/IPO), is a tracked,
-non-trainable layer of the trainer, never part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ class MethodTrainer(keras.Model):
         super().__init__(name=name, **kwargs)
         self.lm, self.method = lm, method
         self.heads = method.layers(lm)
-        self.reference = getattr(method, "reference_model", None)
         self.chunk_size = chunk_size
         self.accum = accum
 
