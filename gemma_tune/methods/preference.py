@@ -16,10 +16,11 @@ larger), `rewards/margins`, `logps/chosen`, `logps/rejected` (summed log-probabi
 The reference model of DPO/IPO (`uses_reference`), `preference.reference`: null is the starting model,
 or any source `model.weights` accepts. Its log-probabilities are computed once, before training, and
 cached in `RUN_DIR/reference/logps.safetensors`, keyed by the data's token arrays and what the reference
-is, so that a resumed run reuses them (`preference.precompute_reference`, null = true; with a second
-model, a frozen copy, this is the only way: its weights are dropped before training) — or, with LoRA
-and the starting model as reference, `precompute_reference: false` computes them at every step with the
-adapters switched off for that pass (no second copy of the weights).
+is, so that a resumed run reuses them — the only way with a second model (full fine-tuning's starting
+weights, or a named reference), whose weights are dropped before training. With LoRA and the starting
+model as reference they are computed at every step with the adapters switched off for that pass (no
+second copy of the weights). `preference.precompute_reference`: null = the latter with LoRA and the
+starting model as reference, else the former; true forces the one pass with LoRA too.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ class PreferenceMethod(Method):
         self._cache: dict[str, np.ndarray] | None = None
         self._cache_key: str | None = None
         if self.uses_reference:  # validation allows precompute_reference false only with LoRA, reference null
-            self.precompute = options.get("precompute_reference") is not False
+            precompute = options.get("precompute_reference")
+            on_the_fly = recipe.lora is not None and options.get("reference") is None
+            self.precompute = not on_the_fly if precompute is None else precompute
 
     @abc.abstractmethod
     def pair_terms(self, policy: Logps, reference: Logps | None, batch) -> dict:
