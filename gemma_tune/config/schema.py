@@ -167,6 +167,15 @@ class PreferenceSection(Section):
         "in the run directory) instead of at every step; null = true for full fine-tuning, false with LoRA")
 
 
+class RewardSection(Section):
+    """Options of the reward method (null means its default)."""
+
+    center_coefficient: float | None = Field(
+        default=None, ge=0, description="reward: weight c of the centering term c·(r_chosen + r_rejected)² added to "
+        "each pair's Bradley–Terry loss, pushing scores towards mean 0 (TRL's center_rewards_coefficient; 0.01 is "
+        "its suggestion); default 0 = none")
+
+
 class ExportSection(Section):
     formats: list[Literal["keras", "safetensors", "peft"]] = Field(
         default_factory=list, description="written into the run's exports/<format>/ after training: keras "
@@ -200,4 +209,6 @@ class Recipe(Section):
                                                                           "checkpoints and logging")
     preference: PreferenceSection | None = Field(default=None, description="options of the preference methods "
                                                  "(dpo, ipo, simpo, orpo); only with one of them")
+    reward: RewardSection | None = Field(default=None, description="options of the reward method (a reward model "
+                                         "scoring sequences); only with method: reward")
     export: ExportSection = Field(default_factory=ExportSection, description="what is exported after training")

@@ -14,6 +14,8 @@ _LAZY = {
     "GemmaCausalLM": "gemma_tune.models.decoder",
     "build_model": "gemma_tune.models.decoder",
     "Projection": "gemma_tune.models.projection",
+    **{name: "gemma_tune.models.reward" for name in (
+        "RewardModel", "reward_parts", "score_head", "sequence_scores", "trained_model")},
     **{name: "gemma_tune.models.adapters" for name in (
         "LORA_TARGET_PROJECTIONS", "adapters_disabled", "count_params", "enable_lora", "float_kernel", "float_weight", "get_variable",
         "lora_projections", "merge_lora", "projections", "quantize_base", "unmerge_lora")},
