@@ -10,8 +10,9 @@ the directory holds:
   * a gemma_tune export of either format (the same layouts, also one level down in a keras export);
   * a gemma_tune run directory (recipe.yaml + manifest.json): its latest training checkpoint
     (`checkpoints/step_N/model.safetensors`, keyed by Keras variable path) restored onto the model its
-    recipe builds — base weights, quantisation and LoRA adapters as trained, unmerged — or, without a
-    checkpoint, its exports in the order of `RUN_EXPORTS`.
+    recipe builds — base weights, quantisation and LoRA adapters as trained, unmerged, and the layers its
+    method adds (a reward run gives a `gemma_tune.models.RewardModel`: the decoder and its score head) —
+    or, without a checkpoint, its exports in the order of `RUN_EXPORTS`.
 `preset` names a configs/models preset, `architecture` is the one a recipe states (`recipe_architecture`):
 either must compute the same decoder as the checkpoint (a CheckpointError says which fields differ, which
 preset matches the checkpoint, if any, and what to change) and is then the one used, which lets a preset
@@ -132,9 +133,8 @@ def _load_dir(path: Path, stated: _Stated | None, dtype: str, where: str):
 
     if is_peft_adapter(path):
         base = adapter_base(path)
-        model = _load(resolve_source(base), base, stated, dtype)
-        load_peft_adapter(model, path)
-        return model
+        # (a reward model's adapter gives a RewardModel around the base)
+        return load_peft_adapter(_load(resolve_source(base), base, stated, dtype), path)
     if is_hf_checkpoint(path):
         arch = _check(read_hf_architecture(path), stated, where)
         return load_hf_checkpoint(path, dtype=dtype, architecture=arch)
@@ -214,7 +214,8 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, stated: _Stated | 
     from safetensors.numpy import load_file
 
     from gemma_tune.config import recipe_architecture
-    from gemma_tune.models import build_model
+    from gemma_tune.methods import build_method
+    from gemma_tune.models import build_model, trained_model
     from gemma_tune.train.build import add_recipe_adapters
     from gemma_tune.train.checkpoint import keyed_variables, restore_variables
 
@@ -231,9 +232,11 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, stated: _Stated | 
         tensors = load_file(where)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"not a readable checkpoint ({e})", where=where) from e
-    restore_variables(keyed_variables(model.variables), tensors, where,  # the trainer's own keys
+    heads = build_method(recipe).layers(model)  # what the method adds (a reward model's score head)
+    variables = list(model.variables) + [v for layer in heads.values() for v in layer.variables]
+    restore_variables(keyed_variables(variables), tensors, where,  # the trainer's own keys (model_variables)
                       "does the run's recipe still build the model it trained?")
-    return model
+    return trained_model(model, heads)
 
 
 def load_model(source, preset: str | None = None, dtype: str = "float32", *,

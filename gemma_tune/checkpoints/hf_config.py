@@ -16,6 +16,10 @@ that no pattern gives) is a CheckpointError rather than a silently different mod
 Writing gives a config that transformers 5 reads to the same model and that older readers (transformers
 4, vLLM, conversion scripts) understand: both `layer_types` and `sliding_window_pattern` (Gemma 3), and
 both `rope_parameters` and the legacy `rope_theta` / `rope_scaling` / `rope_local_base_freq`.
+
+A reward model is transformers' `*ForSequenceClassification` of the same decoder (`SEQUENCE_CLASSIFIERS`)
+with one label: `architectures` names it and `num_labels`, `id2label`, `label2id` say one label; reading,
+`is_sequence_classifier` tells it from a causal LM by its `architectures`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from gemma_tune.models.config import Architecture
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# transformers' sequence classifiers of the text decoders: a reward model (one label) is one of them
+SEQUENCE_CLASSIFIERS = {"gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+                        "gemma3": "Gemma3TextForSequenceClassification"}
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
 HF_MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 ROPE_TYPES = ("default", "linear")
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -196,6 +204,19 @@ def read_hf_architecture(checkpoint_dir: str | Path) -> Architecture:
     return architecture_from_hf(read_config_file(path), where=str(path))
 
 
+def is_sequence_classifier(config: dict, where: str = "config.json") -> bool:
+    """Whether an HF config is a `*ForSequenceClassification` (its `architectures`); one with other than a
+    single label (`num_labels`, else `id2label`'s size, else transformers' default of 2) is a CheckpointError:
+    a reward model scores a sequence with one number."""
+    if not any(str(name).endswith(CLASSIFIER_SUFFIX) for name in config.get("architectures") or ()):
+        return False
+    labels = config.get("num_labels", len(config.get("id2label") or {}) or 2)
+    if labels != 1:
+        raise CheckpointError(f"a sequence classifier with {labels} labels; expected a reward model (num_labels: 1, "
+                              "one score per sequence)", where=where)
+    return True
+
+
 def _layer_types(arch: Architecture) -> list[str]:
     return [SLIDING if arch.is_sliding(i) else FULL for i in range(arch.num_layers)]
 
@@ -235,11 +256,13 @@ def _rope_dict(theta: float, factor: float) -> dict:
 
 
 def hf_config(arch: Architecture, *, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0,
-              dtype: str = "float32") -> dict:
-    """config.json contents for `arch` (see the module docstring); `dtype` is the tensors' dtype."""
+              dtype: str = "float32", sequence_classifier: bool = False) -> dict:
+    """config.json contents for `arch` (see the module docstring); `dtype` is the tensors' dtype.
+    `sequence_classifier`: a reward model, transformers' `*ForSequenceClassification` with one label
+    (`pad_token_id` is how it finds each sequence's last real token)."""
     _check_expressible(arch)
     config = {
-        "architectures": [ARCHITECTURES[arch.family]],
+        "architectures": [(SEQUENCE_CLASSIFIERS if sequence_classifier else ARCHITECTURES)[arch.family]],
         "model_type": HF_MODEL_TYPE[arch.family],
         "vocab_size": arch.vocab_size,
         "hidden_size": arch.hidden_size,
@@ -283,4 +306,6 @@ def hf_config(arch: Architecture, *, bos_id: int = 2, eos_id: int = 1, pad_id: i
         })
         if arch.family == "gemma3":
             config["sliding_window_pattern"] = arch.sliding_window_pattern if arch.sliding_window else 1
+    if sequence_classifier:
+        config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return config

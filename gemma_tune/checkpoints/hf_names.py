@@ -10,7 +10,9 @@ Norm names differ between generations: Gemma 1 has no post-attention / post-FFN 
 one `pre_feedforward_layernorm` and use `post_attention_layernorm` for the norm after attention.
 
 Text decoders live under `model.`; multimodal Gemma 3 checkpoints put the same names under
-`language_model.model.` (written by transformers 4) or `model.language_model.` (transformers 5).
+`language_model.model.` (written by transformers 4) or `model.language_model.` (transformers 5). A
+reward model (transformers' `*ForSequenceClassification`) adds its head beside the decoder, unprefixed:
+`SCORE`, our `score.kernel` [hidden, 1] of `gemma_tune.models.RewardModel` as `score.weight` [1, hidden].
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class Tensor:
     ours: str
     hf: str
     transpose: bool = False
+
+
+SCORE = Tensor("score.kernel", "score.weight", transpose=True)  # a reward model's head: its full HF name
 
 
 def projection_names() -> tuple[tuple[str, str], ...]:

@@ -6,6 +6,13 @@ lora_A.weight [r, in], lora_B.weight [out, r] and scaling = lora_alpha / r (lora
 `use_rslora`). So lora_A.weight = Aᵀ, lora_B.weight = Bᵀ, and r, lora_alpha carry over unchanged:
 `peft.PeftModel.from_pretrained(transformers_base, DIR)` computes our model's function. Tensor names are
 `base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight` with the modules of `hf_names`.
+
+A reward model's adapter (`gemma_tune.models.RewardModel`) is PEFT's sequence classification: `task_type:
+SEQ_CLS`, and its trained head saved whole beside the adapters (`modules_to_save: ["score"]`, the tensor
+`base_model.model.score.weight` [1, hidden]), so that `AutoPeftModelForSequenceClassification.from_pretrained(
+DIR, num_labels=1)` — or `PeftModel.from_pretrained` over the base loaded with
+`AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1)` — computes our scores. Loading one
+back gives a RewardModel (around the base, which may itself be a causal LM).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from gemma_tune.errors import CheckpointError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+SEQ_CLS = "SEQ_CLS"
+HEAD_MODULES = {"score", "classifier"}  # PEFT's modules_to_save of SEQ_CLS (Gemma's head is `score`)
 MODULE_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                   "up_proj": "up", "down_proj": "down"}
 
@@ -57,14 +66,16 @@ def _lora_settings(model) -> tuple[int, float, float, list[str]]:
     return rank, alpha, dropout, sorted(targets)
 
 
-def adapter_config(model, base_model_name_or_path: str | None) -> dict:
+def adapter_config(model, base_model_name_or_path: str | None, score_head: bool = False) -> dict:
+    """adapter_config.json of `model`'s (a decoder's) adapters; `score_head`: a reward model's (SEQ_CLS, the
+    head saved whole)."""
     rank, alpha, dropout, targets = _lora_settings(model)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-        "target_modules": targets, "base_model_name_or_path": base_model_name_or_path, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
-        "alpha_pattern": {},
+        "peft_type": "LORA", "task_type": SEQ_CLS if score_head else "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "lora_dropout": dropout, "target_modules": targets, "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": ["score"] if score_head else None,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
     }
 
 
@@ -86,10 +97,19 @@ def adapter_tensors(model, dtype: str = "float32") -> dict[str, np.ndarray]:
 
 def save_peft_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
                       dtype: str | None = None) -> Path:
-    """Write the model's LoRA adapters as a PEFT adapter into the existing directory `out_dir`."""
+    """Write the model's LoRA adapters as a PEFT adapter into the existing directory `out_dir` (a
+    RewardModel's with its score head: module docstring)."""
+    from gemma_tune.checkpoints.hf import DTYPES
+    from gemma_tune.models import float_weight, reward_parts
+
     out_dir = Path(out_dir)
-    config = adapter_config(model, base_model_name_or_path)
-    save_file(adapter_tensors(model, dtype or "float32"), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    lm, head = reward_parts(model)
+    config = adapter_config(lm, base_model_name_or_path, score_head=head is not None)
+    tensors = adapter_tensors(lm, dtype or "float32")
+    if head is not None:
+        score = float_weight(model, hf_names.SCORE.ours).T
+        tensors[PEFT_PREFIX + hf_names.SCORE.hf] = np.ascontiguousarray(score.astype(DTYPES[dtype or "float32"]))
+    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     write_json(out_dir / ADAPTER_CONFIG, config)
     return out_dir
 
@@ -115,6 +135,8 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise CheckpointError(f"peft_type {config.get('peft_type')!r}: only LORA adapters are supported", where=where)
     unsupported = [key for key in ("use_dora", "modules_to_save", "layers_to_transform", "rank_pattern",
                                    "alpha_pattern", "fan_in_fan_out") if config.get(key)]
+    if _saves_head(config):  # a reward model's head, saved whole
+        unsupported.remove("modules_to_save")
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
     if unsupported:
@@ -124,27 +146,51 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return config
 
 
-def load_peft_adapter(model, adapter_dir: str | Path) -> None:
-    """Enable LoRA on `model` as `adapter_dir` describes and assign its weights."""
+def _saves_head(config: dict) -> bool:
+    """A sequence classification adapter whose `modules_to_save` are the classifier head alone."""
+    modules = config.get("modules_to_save") or []
+    return config.get("task_type") == SEQ_CLS and "score" in modules and set(modules) <= HEAD_MODULES
+
+
+def load_peft_adapter(model, adapter_dir: str | Path):
+    """Enable LoRA on `model` as `adapter_dir` describes and assign its weights; returns the model, which for
+    a reward model's adapter (SEQ_CLS with its score head) is a RewardModel around a causal LM `model`."""
     from keras import ops
 
-    from gemma_tune.models import enable_lora, lora_projections
+    from gemma_tune.models import RewardModel, enable_lora, lora_projections, reward_parts
 
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    if any(True for _ in lora_projections(model)):
+    lm, head = reward_parts(model)
+    if config.get("task_type") == SEQ_CLS and head is None and not _saves_head(config):
+        raise CheckpointError("a sequence classification adapter without its score head (modules_to_save), over a "
+                              "base without one: there is no reward head to score with", where=str(adapter_dir))
+    if _saves_head(config) and head is None:
+        model = RewardModel(lm)
+        head = model.score
+    if any(True for _ in lora_projections(lm)):
         raise CheckpointError("the model already has LoRA adapters", where=str(adapter_dir))
     rank = int(config["r"])
     alpha = float(config.get("lora_alpha", rank))
     if config.get("use_rslora"):  # PEFT scales by alpha/sqrt(r); Keras by alpha/r
         alpha *= math.sqrt(rank)
-    enable_lora(model, rank=rank, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
+    enable_lora(lm, rank=rank, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
                 targets=_targets(config, str(adapter_dir / ADAPTER_CONFIG)))
     file = adapter_dir / ADAPTER_WEIGHTS
     try:
         with safe_open(file, "np") as f:
             names = set(f.keys())
-            for path, layer in lora_projections(model):
+            if _saves_head(config):
+                name = PEFT_PREFIX + hf_names.SCORE.hf
+                if name not in names:
+                    raise CheckpointError(f"missing tensor {name} (modules_to_save: score)", where=str(file))
+                names.discard(name)
+                value = np.asarray(f.get_tensor(name), np.float32)
+                if tuple(value.shape) != tuple(head.kernel.shape)[::-1]:
+                    raise CheckpointError(f"tensor {name} has shape {list(value.shape)}, expected "
+                                          f"{list(head.kernel.shape)[::-1]}", where=str(file))
+                head.kernel.assign(ops.cast(value.T, head.kernel.dtype))
+            for path, layer in lora_projections(lm):
                 base = hf_names.hf_projection_name(path)
                 for key, variable in (("lora_A", layer.lora_kernel_a), ("lora_B", layer.lora_kernel_b)):
                     name = next((PEFT_PREFIX + prefix + f"{base}.{key}.weight" for prefix in hf_names.IMPORT_PREFIXES
@@ -162,6 +208,7 @@ def load_peft_adapter(model, adapter_dir: str | Path) -> None:
         raise CheckpointError(f"not a readable safetensors file ({e})", where=str(file)) from e
     if names:
         raise CheckpointError(f"unexpected tensors: {', '.join(sorted(names)[:5])}", where=str(file))
+    return model
 
 
 def adapter_base(adapter_dir: Path) -> str:

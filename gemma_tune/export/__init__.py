@@ -4,6 +4,9 @@ Formats:
   * "keras" — the native `.keras` archive and a keras-hub preset (`gemma_tune.export.keras`);
   * "safetensors" — a Hugging Face checkpoint transformers loads (`gemma_tune.checkpoints.hf`);
   * "peft" — the LoRA adapters as a PEFT adapter for the base model (`gemma_tune.checkpoints.peft`).
+A reward model (`gemma_tune.models.RewardModel`) exports as safetensors — transformers'
+`*ForSequenceClassification` with one label — or as peft (SEQ_CLS, its score head saved whole); the keras
+format holds a causal LM and refuses it.
 The directory is written under a temporary name beside `out_dir` and renamed at the end
 (`gemma_tune.export.atomic`): an interrupted export leaves nothing that looks complete, and the
 temporaries of exports killed mid-way are deleted by the next export into the same parent directory.
@@ -54,7 +57,8 @@ def base_model_name(source: str | Path | None) -> str | None:
 def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora: bool = True,
                  dtype: str | None = None, force: bool = False, max_shard_size: int | None = None,
                  base_model: str | None = None, source_dir: str | Path | None = None) -> Path:
-    """Write `model` (and `tokenizer`'s files) as `fmt` into `out_dir`; returns `out_dir`.
+    """Write `model` (a GemmaCausalLM or a RewardModel; and `tokenizer`'s files) as `fmt` into `out_dir`;
+    returns `out_dir`.
 
     `merge_lora`: fold LoRA adapters into the exported weights (exact, in float32) or export the base
     alone (keras/safetensors; "peft" always writes the adapters only). `dtype`: "float32" or
@@ -68,6 +72,12 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora:
         raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}", where="format")
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}", where="dtype")
+    if fmt == "keras":
+        from gemma_tune.models import reward_parts
+
+        if reward_parts(model)[1] is not None:
+            raise UserError("a reward model exports as safetensors (transformers' *ForSequenceClassification) or "
+                            "peft (adapters and score head); the keras format holds a causal LM", where="format keras")
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, source_dir=source_dir)
     with atomic_dir(out_dir, force=force) as tmp:

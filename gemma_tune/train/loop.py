@@ -55,7 +55,7 @@ def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dic
 def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     from gemma_tune.data import prepare
     from gemma_tune.methods import build_method
-    from gemma_tune.models import count_params
+    from gemma_tune.models import count_params, trained_model
     from gemma_tune.train import checkpoint, measure, resume as resuming
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
@@ -137,7 +137,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
         sink.close()
 
     interrupted = checkpointer.stopped_at is not None
-    exports = {} if interrupted else _export(recipe, lm, tokenizer, run_dir)
+    exports = {} if interrupted else _export(recipe, trained_model(lm, trainer.heads), tokenizer, run_dir)
     curve = plot_loss(sink.rows, run_dir / "loss_curve.png", method.loss_label)
     summary = _summary(recipe, run_dir, steps, checkpointer.stopped_at or max(done, steps),
                        checkpointer.saved or start.checkpoint, throughput, sink, totals, exports, device,
@@ -159,13 +159,14 @@ def _truncate_samples(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _export(recipe, lm, tokenizer, run_dir: Path) -> dict[str, Path]:
+def _export(recipe, model, tokenizer, run_dir: Path) -> dict[str, Path]:
+    """`model`: what the run trained (the decoder, or a reward model: decoder and score head)."""
     from gemma_tune.export import export_model
 
     exports = {}
     for fmt in recipe.export.formats:
         target = run_dir / "exports" / fmt
-        exports[fmt] = export_model(lm, tokenizer, target, fmt, merge_lora=recipe.export.merge_lora,
+        exports[fmt] = export_model(model, tokenizer, target, fmt, merge_lora=recipe.export.merge_lora,
                                     dtype=recipe.export.dtype, force=True)
         log.info("exported %s -> %s", fmt, exports[fmt])
     return exports
