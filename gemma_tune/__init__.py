@@ -25,6 +25,7 @@ _LAZY = {
     "load_recipe": "gemma_tune.config",
     "Recipe": "gemma_tune.config",
     "load_model": "gemma_tune.loading", "load_model_and_tokenizer": "gemma_tune.loading",
+    "score": "gemma_tune.scoring", "Scores": "gemma_tune.scoring",
 }
 
 __all__ = sorted(_LAZY) + ["register_keras_objects"]

@@ -18,6 +18,7 @@ EPILOG = """examples:
   gemma-tune run recipes/quickstart.yaml --backend torch train.max_steps=50 lora.rank=8
   gemma-tune export runs/quickstart --format safetensors --out exports/quickstart-hf
   gemma-tune generate runs/quickstart --prompt "What is 2 plus 3?"
+  gemma-tune score runs/reward --data pairs.jsonl
 """
 
 
@@ -103,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.set_defaults(handler=_generate)
 
+    p = sub.add_parser("score", help="a reward model's score of each row of a data file",
+                       description="Load MODEL (a reward run directory, or an export of one: safetensors or peft) and "
+                                   "score each row of --data, rendered with Gemma's chat template as training does: "
+                                   "prompt + completion (or response) rows or messages ending with a model turn, one "
+                                   "score a line; preference rows (prompt, chosen, rejected): the chosen and the "
+                                   "rejected score a line, tab-separated, then the accuracy (share of pairs with "
+                                   "chosen > rejected).")
+    p.add_argument("model", help="a reward run directory, its safetensors or peft export, hf://, kaggle://")
+    p.add_argument("--data", required=True, help="a jsonl/json/parquet/csv file (or a hub dataset ORG/NAME)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="cut longer sequences to their first N tokens (default: the model's context)")
+    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model file (default: beside the weights)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
+    _add_backend(p)
+    p.set_defaults(handler=_score)
+
     p = sub.add_parser("keys", help="every recipe key with its type, default and meaning",
                        description="Print the recipe schema: each key's dotted path, type, default and meaning. "
                                    "SECTION narrows it to a section (train, data, lora, ...) or a dotted prefix.")
@@ -173,7 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
     from gemma_tune.backend import select_backend
 
     select_backend(args.backend)
-    from gemma_tune.errors import ConfigError
+    from gemma_tune.errors import CheckpointError, ConfigError
     from gemma_tune.generate import generate
     from gemma_tune.loading import load_model_and_tokenizer
 
@@ -182,11 +201,36 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens and --top-k must be >= 1, --temperature >= 0, --top-p in (0, 1]")
     model, tokenizer = load_model_and_tokenizer(args.model, preset=args.preset, dtype=args.dtype,
                                                 tokenizer=args.tokenizer)
+    from gemma_tune.models import RewardModel
+
+    if isinstance(model, RewardModel):
+        raise CheckpointError("a reward model scores sequences (gemma-tune score), it does not generate",
+                              where=args.model)
     completions = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            chat=not args.raw)
     for prompt, completion in zip(args.prompt, completions):
         print(f"### {prompt}\n{completion}\n")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from gemma_tune.backend import select_backend
+
+    select_backend(args.backend)
+    from gemma_tune.errors import ConfigError
+    from gemma_tune.scoring import score
+
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
+        raise ConfigError("--batch-size must be >= 1 and --max-length >= 2")
+    result = score(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
+                   tokenizer=args.tokenizer, dtype=args.dtype, preset=args.preset)
+    if result.scores is not None:
+        print("\n".join(f"{value:.6f}" for value in result.scores))
+        return 0
+    print("\n".join(f"{chosen:.6f}\t{rejected:.6f}" for chosen, rejected in zip(result.chosen, result.rejected)))
+    right = sum(chosen > rejected for chosen, rejected in zip(result.chosen, result.rejected))
+    print(f"accuracy {result.accuracy:.6f} ({right} of {len(result.chosen)} pairs scored chosen > rejected)")
     return 0
 
 

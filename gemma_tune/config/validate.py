@@ -163,6 +163,9 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
     if recipe.method == "reward" and "keras" in recipe.export.formats:
         add("export.formats", "a reward model exports as safetensors (transformers' *ForSequenceClassification) or "
                               "peft (adapters and score head); the keras format holds a causal LM")
+    if recipe.method == "reward" and recipe.train.sample_prompts:
+        add("train.sample_prompts", "a reward model scores sequences, it does not generate: expected [] "
+                                    "(`gemma-tune score` scores rows)")
     train = recipe.train
     if train.max_steps is not None and train.warmup_steps >= train.max_steps:
         add("train.warmup_steps", f"expected fewer warmup steps than train.max_steps ({train.max_steps}), "
