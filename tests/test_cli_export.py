@@ -13,9 +13,11 @@ import transformers
 from gemma_tune import load_model
 from gemma_tune.cli import main
 from gemma_tune.config import load_recipe, recipe_architecture
+from gemma_tune.methods import build_method
 from gemma_tune.models import build_model, enable_lora, lora_projections
 from gemma_tune.rundir import resolved_recipe_yaml
 from gemma_tune.train import checkpoint
+from gemma_tune.train.task import MethodTrainer
 
 TOL = 1e-4
 IDS = np.random.RandomState(0).randint(3, 512, (2, 24)).astype(np.int32)
@@ -49,9 +51,10 @@ def run_dir(tmp_path_factory):
     rng = np.random.RandomState(0)
     for v in model.weights:
         v.assign(rng.normal(0.0, 0.3 if len(v.shape) == 1 else 0.08, v.shape).astype(np.float32))
-    optimizer = keras.optimizers.AdamW()
-    optimizer.build(model.trainable_variables)
-    checkpoint.save(path, 3, model, optimizer, {"step": 3})
+    trainer = MethodTrainer(model, build_method(recipe))  # what the trainer checkpoints
+    trainer.compile(optimizer=keras.optimizers.AdamW())
+    trainer.optimizer.build(trainer.trainable_variables)
+    checkpoint.save(path, 3, trainer, {"step": 3})
     return path, ours(model)
 
 

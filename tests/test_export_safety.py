@@ -21,10 +21,12 @@ from gemma_tune.config.presets import preset_architecture
 from gemma_tune.errors import UserError
 from gemma_tune.export import export_model
 from gemma_tune.export.atomic import check_destination
+from gemma_tune.methods import build_method
 from gemma_tune.models import build_model, enable_lora
 from gemma_tune.tempfiles import TEMP_NAME
 from gemma_tune.tokenizer import load_tokenizer
 from gemma_tune.train import checkpoint
+from gemma_tune.train.task import MethodTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,9 +54,10 @@ def run_dir(tmp_path_factory):
     (path / "manifest.json").write_text(json.dumps({"name": recipe.name}))
     model = build_model(recipe_architecture(recipe))
     enable_lora(model, recipe.lora.rank, recipe.lora.alpha, targets=recipe.lora.targets)
-    optimizer = keras.optimizers.AdamW()
-    optimizer.build(model.trainable_variables)
-    checkpoint.save(path, 3, model, optimizer, {"step": 3})
+    trainer = MethodTrainer(model, build_method(recipe))  # what the trainer checkpoints
+    trainer.compile(optimizer=keras.optimizers.AdamW())
+    trainer.optimizer.build(trainer.trainable_variables)
+    checkpoint.save(path, 3, trainer, {"step": 3})
     return path
 
 

@@ -20,10 +20,12 @@ from gemma_tune.config.validate import known_architecture
 from gemma_tune.errors import CheckpointError, ConfigError
 from gemma_tune.export import export_model
 from gemma_tune.loading import source_architecture
+from gemma_tune.methods import build_method
 from gemma_tune.models import build_model, enable_lora
 from gemma_tune.tokenizer import load_tokenizer
 from gemma_tune.train import checkpoint
 from gemma_tune.train.build import build_for_recipe
+from gemma_tune.train.task import MethodTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -171,9 +173,10 @@ def test_run_from_local_weights_records_them_as_the_adapter_base(hf_dir, tmp_pat
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     (run / "manifest.json").write_text(json.dumps({"name": recipe.name}))
     model, _ = build_for_recipe(recipe)
-    optimizer = keras.optimizers.AdamW()
-    optimizer.build(model.trainable_variables)
-    checkpoint.save(run, 1, model, optimizer, {"step": 1})
+    trainer = MethodTrainer(model, build_method(recipe))  # what the trainer checkpoints
+    trainer.compile(optimizer=keras.optimizers.AdamW())
+    trainer.optimizer.build(trainer.trainable_variables)
+    checkpoint.save(run, 1, trainer, {"step": 1})
     assert source_architecture(run) == preset_architecture("gemma3_tiny")
     assert main(["export", str(run), "--format", "peft", "--out", str(run / "exports" / "peft")]) == 0
     config = json.loads((run / "exports" / "peft" / "adapter_config.json").read_text())
