@@ -164,7 +164,8 @@ class PreferenceSection(Section):
                                   "accepts; null = the starting model (with LoRA: the model with its adapters off)")
     precompute_reference: bool | None = Field(
         default=None, description="dpo/ipo: compute the reference log-probabilities once before training (cached "
-        "in the run directory) instead of at every step; null = true for full fine-tuning, false with LoRA")
+        "in the run directory) instead of at every step; null = true for full fine-tuning or a named reference, "
+        "false with LoRA and the starting model as reference (adapters off); false needs that case")
 
 
 class RewardSection(Section):

@@ -160,12 +160,6 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
         add("quantize", "quantising the base model freezes it: it needs `lora:` adapters to train (QLoRA)")
     if "peft" in recipe.export.formats and recipe.lora is None:
         add("export.formats", "the peft format writes LoRA adapters: it needs `lora:`")
-    if recipe.method == "reward" and "keras" in recipe.export.formats:
-        add("export.formats", "a reward model exports as safetensors (transformers' *ForSequenceClassification) or "
-                              "peft (adapters and score head); the keras format holds a causal LM")
-    if recipe.method == "reward" and recipe.train.sample_prompts:
-        add("train.sample_prompts", "a reward model scores sequences, it does not generate: expected [] "
-                                    "(`gemma-tune score` scores rows)")
     train = recipe.train
     if train.max_steps is not None and train.warmup_steps >= train.max_steps:
         add("train.warmup_steps", f"expected fewer warmup steps than train.max_steps ({train.max_steps}), "
@@ -195,7 +189,7 @@ def _check_method_options(recipe: schema.Recipe, spec) -> list[Problem]:
         problems += [((section, key), f"not an option of {spec.name} (its options: {', '.join(spec.defaults)})")
                      for key in given if key not in spec.defaults]
     if spec is not None and spec.check is not None:
-        problems += [((spec.section, key), message) for key, message in spec.check(recipe, method_options(recipe))]
+        problems += [(tuple(key.split(".")), message) for key, message in spec.check(recipe, method_options(recipe))]
     return problems
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 class MethodSpec:
     """What a recipe knows of a method: `formats` it trains on, `section` of the recipe that holds its
     options (None: it takes none) with each option's `defaults`, `behaviour` = "module:Class", and
-    `check(recipe, options)`, rules its options obey beyond their types (keys relative to `section`)."""
+    `check(recipe, options)`, the rules a recipe of this method obeys beyond its types: [(dotted key, problem)]."""
 
     name: str
     formats: tuple[str, ...]
@@ -38,10 +38,23 @@ class MethodSpec:
 def reference_rules(recipe, options: dict) -> list[tuple[str, str]]:
     """DPO/IPO: a reference computed at every step exists only as the LoRA model with its adapters off."""
     if options["precompute_reference"] is False and (recipe.lora is None or options["reference"] is not None):
-        return [("precompute_reference", "false needs lora: and preference.reference null (the reference is then "
+        return [("preference.precompute_reference", "false needs lora: and preference.reference null (the reference is then "
                                          "the model with its adapters off); a frozen second model is always "
                                          "precomputed")]
     return []
+
+
+def reward_rules(recipe, options: dict) -> list[tuple[str, str]]:
+    """A reward model scores sequences: it neither generates nor exports as a causal LM."""
+    problems = []
+    if "keras" in recipe.export.formats:
+        problems.append(("export.formats", "a reward model exports as safetensors (transformers' "
+                                           "*ForSequenceClassification) or peft (adapters and score head); the keras "
+                                           "format holds a causal LM"))
+    if recipe.train.sample_prompts:
+        problems.append(("train.sample_prompts", "a reward model scores sequences, it does not generate: expected [] "
+                                                 "(`gemma-tune score` scores rows)"))
+    return problems
 
 
 SFT_FORMATS = ("text", "prompt_completion", "chat")
@@ -55,7 +68,8 @@ METHODS = {spec.name: spec for spec in (
     MethodSpec("simpo", ("preference",), "gemma_tune.methods.simpo:SimPO", "preference",
                {"beta": 2.0, "gamma": 1.0, "sft_weight": 0.0}),
     MethodSpec("orpo", ("preference",), "gemma_tune.methods.orpo:ORPO", "preference", {"beta": 0.1}),
-    MethodSpec("reward", ("preference",), "gemma_tune.methods.reward:Reward", "reward", {"center_coefficient": 0.0}),
+    MethodSpec("reward", ("preference",), "gemma_tune.methods.reward:Reward", "reward", {"center_coefficient": 0.0},
+               reward_rules),
 )}
 
 

@@ -63,10 +63,24 @@ class Logps(NamedTuple):
         return self.rejected / ops.maximum(self.rejected_count, 1.0)
 
 
+def count_pairs(batch: dict[str, np.ndarray]) -> float:
+    """The real pairs of a NumPy batch: those with a response token (all-zero rows pad the last batch)."""
+    return float((batch["chosen_loss_mask"].sum(axis=1) > 0).sum())
+
+
+def stack_pairs(batch, keys) -> dict:
+    """`keys` of both sides of every pair, chosen then rejected, stacked on the batch axis."""
+    return {k: ops.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0) for k in keys}
+
+
+def pair_tokens(batch):
+    """Σ real tokens of both sides of a batch of pairs."""
+    return sum(ops.sum(ops.cast(ops.greater(batch[f"{side}_segment_ids"], 0), "float32")) for side in SIDES)
+
+
 def pair_logps(lm, batch, training: bool, chunk_size: int) -> Logps:
     """Both sides of every pair through `lm` in one forward pass, stacked on the batch axis."""
-    stacked = {k: ops.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
-               for k in MODEL_INPUTS + ("target_ids", "loss_mask")}
+    stacked = stack_pairs(batch, MODEL_INPUTS + ("target_ids", "loss_mask"))
     hidden = lm({k: stacked[k] for k in MODEL_INPUTS}, training=training, return_hidden_states=True)
     logps, counts = sequence_logps(hidden, lm.token_embedding.embeddings, stacked["target_ids"],
                                    stacked["loss_mask"], chunk_size=chunk_size,
@@ -101,7 +115,7 @@ class PreferenceMethod(Method):
         scalar already normalised per step) and further sums named in the subclass' `stats`."""
 
     def count(self, batch):
-        counts = {"pairs": float((batch["chosen_loss_mask"].sum(axis=1) > 0).sum())}
+        counts = {"pairs": count_pairs(batch)}
         if "chosen_targets" in self.counts:
             counts["chosen_targets"] = float(batch["chosen_loss_mask"].sum())
         return counts
@@ -122,8 +136,7 @@ class PreferenceMethod(Method):
                "rejected_logps": ops.sum(ops.stop_gradient(policy.rejected) * valid),
                "chosen_targets": ops.sum(policy.chosen_count),
                "targets": ops.sum(policy.chosen_count + policy.rejected_count),
-               "tokens": sum(ops.sum(ops.cast(ops.greater(batch[f"{side}_segment_ids"], 0), "float32"))
-                             for side in SIDES)}
+               "tokens": pair_tokens(batch)}
         out.update({k: terms[k] for k in self.stats if k not in out})  # a method's own sums (ORPO's)
         return out
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from keras import ops
 
 from gemma_tune.methods.base import Method, ratio
-from gemma_tune.methods.preference import MODEL_INPUTS, SIDES
+from gemma_tune.methods.preference import MODEL_INPUTS, SIDES, count_pairs, pair_tokens, stack_pairs
 from gemma_tune.models.reward import SCORE, score_head, sequence_scores
 
 
@@ -45,14 +45,13 @@ class Reward(Method):
     loss_label = "loss (per pair)"
 
     def count(self, batch):
-        """The real pairs: those with a response token to train (all-zero rows pad the last batch)."""
-        return {"pairs": float((batch["chosen_loss_mask"].sum(axis=1) > 0).sum())}
+        return {"pairs": count_pairs(batch)}
 
     def layers(self, lm):
         return {SCORE: score_head(lm.architecture.hidden_size)}
 
     def forward(self, trainer, batch, training):
-        stacked = {k: ops.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0) for k in MODEL_INPUTS}
+        stacked = stack_pairs(batch, MODEL_INPUTS)
         scores = sequence_scores(trainer.lm, trainer.heads[SCORE], stacked, training=training)
         rows = batch["chosen_token_ids"].shape[0]
         chosen, rejected = scores[:rows], scores[rows:]
@@ -64,8 +63,7 @@ class Reward(Method):
                 "accurate": ops.sum(ops.cast(ops.greater(margin, 0.0), "float32") * valid),
                 "margins": ops.sum(margin * valid),
                 "targets": sum(ops.sum(ops.cast(batch[f"{side}_loss_mask"], "float32")) for side in SIDES),
-                "tokens": sum(ops.sum(ops.cast(ops.greater(batch[f"{side}_segment_ids"], 0), "float32"))
-                              for side in SIDES)}
+                "tokens": pair_tokens(batch)}
 
     def metric_values(self, sums, split):
         pairs = sums["pairs"]
