@@ -216,8 +216,8 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, stated: _Stated | 
     from gemma_tune.config import recipe_architecture
     from gemma_tune.methods import build_method
     from gemma_tune.models import build_model, trained_model
-    from gemma_tune.train.build import add_recipe_adapters
-    from gemma_tune.train.checkpoint import keyed_variables, restore_variables
+    from gemma_tune.checkpoints.variables import keyed_variables, restore_variables
+    from gemma_tune.models.adapters import add_recipe_adapters
 
     recipe = run_recipe(run_dir)
     where = str(checkpoint_dir / "model.safetensors")

@@ -49,7 +49,7 @@ def initial_weights(tmp_path, **kw):
     from keras import ops
 
     from gemma_tune.train.build import build_for_recipe
-    from gemma_tune.train.checkpoint import keyed_variables
+    from gemma_tune.checkpoints.variables import keyed_variables
 
     keras.utils.set_random_seed(0)
     model, _ = build_for_recipe(gemma_tune.load_recipe(recipe(tmp_path / "init", **kw)))

@@ -192,3 +192,13 @@ def count_params(model) -> dict[str, int]:
     total = sum(size(v) for v in model.weights)
     trainable = sum(size(v) for v in model.trainable_weights)
     return {"total": total, "trainable": trainable}
+
+
+def add_recipe_adapters(model, recipe) -> None:
+    """The recipe's `quantize` (frozen base kernels) then its `lora` adapters, in that order: adapters
+    added after quantisation stay float32 (QLoRA). Used by training and to restore a run's checkpoint."""
+    if recipe.quantize is not None:  # validation ensures `lora:` is set too
+        quantize_base(model, recipe.quantize)
+    if recipe.lora is not None:
+        lora = recipe.lora
+        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)

@@ -19,22 +19,11 @@ import logging
 
 from gemma_tune.config import recipe_architecture
 from gemma_tune.errors import ConfigError
+from gemma_tune.models.adapters import add_recipe_adapters
 
 log = logging.getLogger("gemma_tune")
 
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-def add_recipe_adapters(model, recipe) -> None:
-    """The recipe's `quantize` (frozen base kernels) then its `lora` adapters, in that order: adapters
-    added after quantisation stay float32 (QLoRA). Used by training and to restore a run's checkpoint."""
-    from gemma_tune.models import enable_lora, quantize_base
-
-    if recipe.quantize is not None:  # validation ensures `lora:` is set too
-        quantize_base(model, recipe.quantize)
-    if recipe.lora is not None:
-        lora = recipe.lora
-        enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
 
 
 def build_for_recipe(recipe):

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from gemma_tune.errors import CheckpointError
+from gemma_tune.checkpoints.variables import keyed_variables, restore_variables
 from gemma_tune.export.atomic import share_permissions
 from gemma_tune.tempfiles import temp_path
 
@@ -115,16 +115,6 @@ def _numpy(variable) -> np.ndarray:
     return np.array(value, order="C")  # (np.ascontiguousarray would make scalars 1-D)
 
 
-def keyed_variables(variables) -> dict:
-    """Variables by Keras path; a path that several variables share (every LoRA dropout seed generator's
-    state is `lora_dropout_seed/seed_generator_state`) gets `#1`, `#2`, … in order after the first."""
-    keyed, seen = {}, {}
-    for v in variables:
-        n = seen[v.path] = seen.get(v.path, -1) + 1
-        keyed[f"{v.path}#{n}" if n else v.path] = v
-    return keyed
-
-
 def save(run_dir: Path, step: int, trainer, state: dict) -> Path:
     """Write checkpoint `step` of `trainer` (a `MethodTrainer`: its `model_variables` and its optimiser's)
     atomically and prune to the last `KEEP`; `state` goes to state.json with the global RNG states.
@@ -188,24 +178,6 @@ def set_aside_invalid(run_dir: Path, valid: Path | None) -> list[Path]:
         os.replace(path, target)
         moved.append(target)
     return moved
-
-
-def restore_variables(variables: dict, tensors: dict, where: str, hint: str) -> None:
-    """Assign `tensors` to `variables` (both keyed as `keyed_variables` keys them); a missing or
-    unexpected tensor or a wrong shape is a CheckpointError naming `where`, with `hint`."""
-    missing = sorted(set(variables) - set(tensors))
-    extra = sorted(set(tensors) - set(variables))
-    if missing or extra:
-        raise CheckpointError(f"the checkpoint does not fit this run ({hint}): "
-                              + "; ".join(f"{label} {names[:3]}{' …' if len(names) > 3 else ''}"
-                                          for label, names in (("missing", missing), ("unexpected", extra))
-                                          if names), where=where)
-    for path, variable in variables.items():
-        value = tensors[path]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise CheckpointError(f"the checkpoint does not fit this run ({hint}): {path} has shape "
-                                  f"{tuple(value.shape)} there, {tuple(variable.shape)} here", where=where)
-        variable.assign(value)  # Keras casts to the variable's dtype (float32 -> bfloat16)
 
 
 def load(path: Path, trainer) -> dict:
