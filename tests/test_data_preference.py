@@ -12,19 +12,8 @@ from gemma_tune.data import prepare
 from gemma_tune.data.pack import truncate_pair
 from gemma_tune.data.render import Tokenise
 from gemma_tune.errors import DataError
-from gemma_tune.tokenizer import load_tokenizer
 
 PAIR_KEYS = ("input_ids", "labels")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("data/tiny/tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("hf_cache"))
 
 
 def write(path, rows):

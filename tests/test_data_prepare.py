@@ -9,17 +9,6 @@ import pytest
 from gemma_tune.config.schema import DataSection
 from gemma_tune.data import prepare
 from gemma_tune.errors import DataError
-from gemma_tune.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("data/tiny/tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("hf_cache"))
 
 
 def write(path, rows):

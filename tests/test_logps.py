@@ -12,27 +12,7 @@ from gemma_tune import load_model
 from gemma_tune.methods.logps import sequence_logps
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_matmuls():
-    """These are comparisons of float32 arithmetic; GPUs multiply float32 in TF32 unless told not to."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        with jax.default_matmul_precision("highest"):
-            yield
-    elif backend == "torch":
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        yield
-        torch.backends.cuda.matmul.allow_tf32 = before
-    else:
-        import tensorflow as tf
-
-        before = tf.config.experimental.tensor_float_32_execution_enabled()
-        tf.config.experimental.enable_tensor_float_32_execution(False)
-        yield
-        tf.config.experimental.enable_tensor_float_32_execution(before)
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")
 
 
 def numpy_logps(hidden, embedding, targets, mask, softcap=None):
@@ -151,30 +131,8 @@ def test_sequence_logps_match_transformers(models):
     assert np.abs(ops.convert_to_numpy(logp_sum) - expected).max() <= 1e-4
 
 
-def value_and_grads(fn, *args):
-    """fn(*args) and its gradients with respect to the first two arguments, on the active backend."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.value_and_grad(fn, argnums=(0, 1))(*args)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x, w = tf.constant(args[0]), tf.constant(args[1])
-        with tf.GradientTape() as tape:
-            tape.watch([x, w])
-            value = fn(x, w, *args[2:])
-        return value, tape.gradient(value, [x, w])
-    x = ops.convert_to_tensor(args[0]).requires_grad_()  # on Keras' device (a GPU if there is one)
-    w = ops.convert_to_tensor(args[1]).requires_grad_()
-    value = fn(x, w, *[ops.convert_to_tensor(a) for a in args[2:]])
-    value.backward()
-    return value, (x.grad, w.grad)
-
-
 @pytest.mark.parametrize("softcap", [None, 2.5])
-def test_chunked_gradient_equals_one_chunk(softcap):
+def test_chunked_gradient_equals_one_chunk(softcap, value_and_grads):
     hidden, embedding, targets, mask = random_inputs(3, 11, 16, 40, seed=2)
     weights = np.array([0.7, -1.3, 2.0], np.float32)  # a different weight per row: rows stay apart
 

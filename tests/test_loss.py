@@ -3,7 +3,6 @@ plain full-logits loss on the active backend."""
 
 import math
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -11,29 +10,7 @@ from keras import ops
 from gemma_tune.methods.sft import sft_loss
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_matmuls():
-    """These are comparisons of float32 arithmetic; GPUs multiply float32 in TF32 unless told not to."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        with jax.default_matmul_precision("highest"):
-            yield
-    elif backend == "torch":
-        import torch
-
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        yield
-        torch.backends.cuda.matmul.allow_tf32 = before
-    else:
-        import tensorflow as tf
-
-        before = tf.config.experimental.tensor_float_32_execution_enabled()
-        tf.config.experimental.enable_tensor_float_32_execution(False)
-        yield
-        tf.config.experimental.enable_tensor_float_32_execution(before)
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")
 
 
 def numpy_loss(hidden, embedding, targets, mask, num_targets, softcap=None):
@@ -56,28 +33,6 @@ def plain_loss(hidden, embedding, targets, mask, num_targets, softcap=None):
     logp = ops.log_softmax(logits, axis=-1)
     nll = -ops.squeeze(ops.take_along_axis(logp, ops.expand_dims(targets, -1), axis=-1), -1)
     return ops.sum(nll * mask) / num_targets
-
-
-def value_and_grads(fn, *args):
-    """fn(*args) and its gradients with respect to the first two arguments, on the active backend."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.value_and_grad(fn, argnums=(0, 1))(*args)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x, w = tf.constant(args[0]), tf.constant(args[1])
-        with tf.GradientTape() as tape:
-            tape.watch([x, w])
-            value = fn(x, w, *args[2:])
-        return value, tape.gradient(value, [x, w])
-    x = ops.convert_to_tensor(args[0]).requires_grad_()  # on Keras' device (a GPU if there is one)
-    w = ops.convert_to_tensor(args[1]).requires_grad_()
-    value = fn(x, w, *[ops.convert_to_tensor(a) for a in args[2:]])
-    value.backward()
-    return value, (x.grad, w.grad)
 
 
 def test_hand_numbers():
@@ -114,7 +69,7 @@ def test_empty_mask_is_zero_not_nan():
 
 
 @pytest.mark.parametrize("softcap", [None, 2.5])
-def test_chunked_equals_plain_value_and_gradient(softcap):
+def test_chunked_equals_plain_value_and_gradient(softcap, value_and_grads):
     rng = np.random.default_rng(1)
     hidden = rng.normal(size=(3, 11, 16)).astype(np.float32)
     embedding = (0.5 * rng.normal(size=(40, 16))).astype(np.float32)
