@@ -155,12 +155,18 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"  model    {name} ({shape}) weights={recipe.model.weights or 'random init'} dtype={recipe.model.dtype}")
     print(f"  method   {recipe.method}, {lora}" + (f", base quantised {recipe.quantize}" if recipe.quantize else ""))
     print(f"  data     {recipe.data.train.format}: {recipe.data.train.path} (max_length {recipe.data.max_length}, "
-          f"packing {'on' if recipe.data.packing else 'off'})")
+          f"packing {_packing(recipe)})")
     print(f"  train    {length}, batch {recipe.train.batch_size} x accum {recipe.train.grad_accum}, "
           f"{recipe.train.optimizer} lr {recipe.train.learning_rate:g} {recipe.train.schedule}")
     if recipe.export.formats:
         print(f"  export   {', '.join(recipe.export.formats)}")
     return 0
+
+
+def _packing(recipe) -> str:
+    if recipe.data.train.format == "preference":
+        return "off: one pair per row"
+    return "on" if recipe.data.packing else "off"
 
 
 def _run(args: argparse.Namespace) -> int:
