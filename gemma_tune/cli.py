@@ -27,6 +27,14 @@ def _add_backend(parser: argparse.ArgumentParser) -> None:
                         help="Keras backend (wins over the recipe's `backend:` and KERAS_BACKEND; default jax)")
 
 
+def _add_model_loading(parser: argparse.ArgumentParser) -> None:
+    """How `generate` and `score` load MODEL: its tokenizer, compute dtype, a preset it must match, the backend."""
+    parser.add_argument("--tokenizer", default=None, help="a SentencePiece .model file (default: beside the weights)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
+    _add_backend(parser)
+
+
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -98,10 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--raw", action="store_true", help="continue the prompt text as is (no chat template)")
-    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model file (default: beside the weights)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
-    _add_backend(p)
+    _add_model_loading(p)
     p.set_defaults(handler=_generate)
 
     p = sub.add_parser("score", help="a reward model's score of each row of a data file",
@@ -116,10 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-length", type=int, default=None,
                    help="cut longer sequences to their first N tokens (default: the model's context)")
-    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model file (default: beside the weights)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--preset", default=None, help="a configs/models preset the checkpoint must match")
-    _add_backend(p)
+    _add_model_loading(p)
     p.set_defaults(handler=_score)
 
     p = sub.add_parser("keys", help="every recipe key with its type, default and meaning",

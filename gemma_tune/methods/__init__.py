@@ -73,10 +73,6 @@ METHODS = {spec.name: spec for spec in (
 )}
 
 
-def method_spec(name: str) -> MethodSpec:
-    return METHODS[name]
-
-
 def build_method(recipe):
     """The `Method` object of a validated recipe."""
     spec = METHODS[recipe.method]

@@ -26,6 +26,7 @@ starting model as reference, else the former; true forces the one pass with LoRA
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
@@ -254,9 +255,6 @@ class _Scorer(keras.Model):
     def call(self, batch):
         from gemma_tune.models import adapters_disabled
 
-        if self.lora_off:
-            with adapters_disabled(self.lm):
-                logps = pair_logps(self.lm, batch, False, self.chunk_size)
-        else:
+        with adapters_disabled(self.lm) if self.lora_off else contextlib.nullcontext():
             logps = pair_logps(self.lm, batch, False, self.chunk_size)
         return {"chosen": logps.chosen, "rejected": logps.rejected}
