@@ -7,7 +7,8 @@ For query i and key j of one sequence (indices into the token axis, positions fr
     p_i       = softmax_j(logits_ij where allowed_ij, else −∞)    in float32
     out_i     = Σ_j p_ij v_j
 
-`allowed` comes from `attention_mask`: same segment, key not padding, causal (j ≤ i), and on
+`allowed` comes from `attention_mask`: same segment, key not padding, causal (j ≤ i) or both in the
+same attention block (PaliGemma's prefix, a Gemma 3 image: `gemma_tune.models.vision`), and on
 sliding-window layers i − j < window. Query heads share key/value heads in groups (GQA; MQA when
 there is one key/value head).
 """
@@ -23,23 +24,35 @@ from gemma_tune.models.projection import Projection
 MASKED_LOGIT = -1e30
 
 
-def attention_mask(query_index, key_index, query_segment, key_segment, window: int | None = None):
+def attention_mask(query_index, key_index, query_segment, key_segment, window: int | None = None,
+                   query_block=None, key_block=None, window_bounds_blocks: bool = True):
     """Boolean [B, Tq, Tk] mask of allowed (query, key) pairs.
 
     `query_index` [Tq] / `key_index` [Tk] are token indices in one shared frame (cache slots while
-    decoding); `query_segment` [B, Tq] / `key_segment` [B, Tk] are segment ids, 0 for padding. Allowed:
-    same non-zero segment, key_index ≤ query_index, and query_index − key_index < window when a window
-    is given. A padding query attends to its own slot only, so that every row has one allowed key and
-    no NaN can arise from an empty softmax (its output is never trained on or returned as meaningful).
+    decoding); `query_segment` [B, Tq] / `key_segment` [B, Tk] are segment ids, 0 for padding;
+    `query_block` [B, Tq] / `key_block` [B, Tk] (optional) attention block ids, 0 for causal tokens.
+    Allowed: same non-zero segment, and key_index ≤ query_index or the same non-zero block; on a
+    sliding layer also query_index − key_index < window — for every pair when `window_bounds_blocks`
+    (Gemma 3: AND(window, OR(causal, block)), as transformers), else for causal pairs only (PaliGemma 2:
+    OR(AND(causal, window), block), as transformers). A padding query attends to its own slot only, so that every row has one allowed
+    key and no NaN can arise from an empty softmax (its output is never trained on or returned as
+    meaningful).
     """
     qi = query_index[:, None]
     ki = key_index[None, :]
-    causal = ki <= qi
-    if window is not None:
-        causal = ops.logical_and(causal, (qi - ki) < window)
+    order = (ki <= qi)[None]
+    in_window = ((qi - ki) < window)[None] if window is not None else None
+    if in_window is not None and not window_bounds_blocks:
+        order = ops.logical_and(order, in_window)
+    if query_block is not None:
+        same_block = ops.logical_and(ops.equal(query_block[:, :, None], key_block[:, None, :]),
+                                     ops.not_equal(query_block, 0)[:, :, None])
+        order = ops.logical_or(order, same_block)
+    if in_window is not None and window_bounds_blocks:
+        order = ops.logical_and(order, in_window)
     same = ops.equal(query_segment[:, :, None], key_segment[:, None, :])
     real_key = ops.not_equal(key_segment, 0)[:, None, :]
-    allowed = ops.logical_and(ops.logical_and(same, real_key), causal[None])
+    allowed = ops.logical_and(ops.logical_and(same, real_key), order)
     self_slot = ops.logical_and(ops.equal(query_segment, 0)[:, :, None], ops.equal(qi, ki)[None])
     return ops.logical_or(allowed, self_slot)
 
@@ -94,24 +107,30 @@ def cudnn_attention(query, key, value, mask, *, scale: float, window: int | None
 
 
 def attend(query, key, value, mask, *, scale: float, softcap: float | None, implementation: str = "auto",
-           self_attention_window: int | None | bool = False):
+           self_attention_window: int | None | bool = False, causal: bool = True):
     """Attention through the fastest exact path.
 
     `implementation`: "plain" (keras.ops reference; the only one with a soft-cap), "fused"
-    (`keras.ops.dot_product_attention`), "cudnn" (JAX GPU flash attention, self-attention only), or
-    "auto": cuDNN where it applies, else fused without a soft-cap, else plain.
+    (`keras.ops.dot_product_attention`), "cudnn" (JAX GPU flash attention, causal self-attention only),
+    or "auto": cuDNN where it applies, else fused without a soft-cap, else plain.
     `self_attention_window`: False when queries and keys are not one frame (decoding with a cache);
     otherwise the layer's window (None for global layers), which the cuDNN path needs.
+    `causal`: False when `mask` allows some key after its query (attention blocks: a PaliGemma prefix, a
+    Gemma 3 image). cuDNN applies causal structure itself and would drop those pairs, so "auto" then
+    takes the fused path and "cudnn" is an error.
     """
     if implementation == "plain" or (implementation == "auto" and softcap is not None):
         return plain_attention(query, key, value, mask, scale=scale, softcap=softcap)
     if softcap is not None:
         raise ValueError(f"the {implementation} attention kernel has no exact logit soft-cap")
     self_attention = self_attention_window is not False
-    if implementation == "cudnn" or (implementation == "auto" and self_attention
+    if implementation == "cudnn" or (implementation == "auto" and self_attention and causal
                                      and cudnn_attention_available(query.dtype)):
         if not self_attention:
             raise ValueError("the cudnn attention path needs self-attention over one frame (no cache)")
+        if not causal:
+            raise ValueError("the cudnn attention path is causal only: it would drop the bidirectional attention "
+                             "of image and prefix tokens; use attention implementation auto, fused or plain")
         if implementation == "cudnn":
             return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
         try:  # "auto": cuDNN checks shapes, head size and its version while tracing
@@ -182,8 +201,9 @@ class GemmaAttention(keras.layers.Layer):
         cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, self.rope_scaling)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def call(self, x, positions, mask, cache=None, cache_index=None, training=None):
-        """x [B, T, hidden]; mask [B, T, S] from `attention_mask`.
+    def call(self, x, positions, mask, cache=None, cache_index=None, training=None, causal=True):
+        """x [B, T, hidden]; mask [B, T, S] from `attention_mask`; `causal` False when the mask has attention
+        blocks (see `attend`).
 
         Without a cache S = T. With `cache` = (keys, values) [B, S, K, D], this step's keys and values are
         written at slots [cache_index, cache_index + T) and attention runs over all S slots; returns
@@ -198,7 +218,7 @@ class GemmaAttention(keras.layers.Layer):
             k, v = keys, values
         out = attend(q, k, v, mask, scale=self.query_scale, softcap=self.softcap,
                      implementation=self.implementation,
-                     self_attention_window=False if cache is not None else self.window)
+                     self_attention_window=False if cache is not None else self.window, causal=causal)
         length = ops.shape(x)[1]
         out = self.o_proj(ops.reshape(out, (-1, length, self.num_heads * self.head_dim)), training=training)
         return (out, (k, v)) if cache is not None else out

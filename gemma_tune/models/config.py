@@ -19,7 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class VisionArchitecture(BaseModel):
-    """SigLIP vision tower and projector of PaliGemma 1/2 and Gemma 3 (4B and larger)."""
+    """SigLIP vision tower and projector of PaliGemma 1/2 and Gemma 3 (4B and larger).
+
+    An image of `image_size`² pixels is cut into (image_size / patch_size)² patches, encoded by SigLIP
+    and turned into `tokens_per_image` soft tokens: all patches for PaliGemma (one linear projection),
+    the patches average-pooled in k×k windows for Gemma 3 (k = patches per side / √tokens_per_image).
+    `image_token_id` is the token id the text holds at every soft-token slot (PaliGemma's `<image>`
+    257152, Gemma 3's `<image_soft_token>` 262144; either is the tokenizer's vocabulary size). It may lie
+    outside the embedding (keras-hub's PaliGemma has 257152 rows): its slots are always replaced by the
+    image's embeddings, so it is looked up as token 0, as transformers does.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +40,30 @@ class VisionArchitecture(BaseModel):
     intermediate_size: int = Field(gt=0)
     layer_norm_eps: float = Field(default=1e-6, gt=0)
     tokens_per_image: int = Field(gt=0, description="soft tokens per image after pooling (if any)")
+    image_token_id: int = Field(ge=0, description="the token id at each image soft-token slot of the text")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "VisionArchitecture":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                             f"({self.num_heads})")
+        side = self.patches_per_side
+        tokens_side = round(self.tokens_per_image ** 0.5)
+        if tokens_side ** 2 != self.tokens_per_image or side % tokens_side:
+            raise ValueError(f"tokens_per_image ({self.tokens_per_image}) must be a square whose side divides the "
+                             f"{side} patches per side (image_size / patch_size)")
+        return self
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def pool_size(self) -> int:
+        """k of the k×k average pooling from patches to soft tokens (1: every patch is a token)."""
+        return self.patches_per_side // round(self.tokens_per_image ** 0.5)
 
 
 class Architecture(BaseModel):
@@ -69,7 +102,17 @@ class Architecture(BaseModel):
             )
         if self.sliding_window is not None and self.sliding_window_pattern is None:
             raise ValueError("sliding_window needs sliding_window_pattern (2 for Gemma 2, 6 for Gemma 3)")
+        if self.vision is not None:
+            if self.vision.pool_size != 1 and self.family != "gemma3":
+                raise ValueError("PaliGemma projects every patch (tokens_per_image = (image_size / patch_size)²); "
+                                 "only Gemma 3 pools patches into fewer soft tokens")
         return self
+
+    @property
+    def prefix_lm(self) -> bool:
+        """Whether the model is a PaliGemma (prefix-LM attention over image + prefix); Gemma 3 vision models
+        attend bidirectionally within each image instead."""
+        return self.vision is not None and self.family != "gemma3"
 
     @property
     def query_scale(self) -> float:

@@ -16,6 +16,12 @@ Layer ℓ is local (sliding window) or global per `Architecture.is_sliding`; its
 Inputs are a dict of int arrays [B, T]: `token_ids` with either `padding_mask` (1 = real token;
 positions 0 … T−1) or `segment_ids` (0 = padding, 1 … k = packed sequences) with per-segment
 `positions`. Attention never crosses segments.
+
+A vision model (`Architecture.vision` set: PaliGemma, Gemma 3 4B+) also takes `images` [B, N, S, S, 3]
+float in [−1, 1] and, for PaliGemma, `prefix_mask` [B, T]: `embed_inputs` is the hook between the token
+embedding and the blocks, where the images' soft tokens replace the slots that hold
+`vision.image_token_id` and the attention blocks (prefix-LM, bidirectional images) are made
+(`gemma_tune.models.vision`). Without `images` a vision model reads text alone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from keras import ops
 from gemma_tune.models.attention import GemmaAttention, attention_mask
 from gemma_tune.models.config import Architecture
 from gemma_tune.models.layers import GatedMLP, RMSNorm
+from gemma_tune.models.vision import VisionEmbedder, attention_blocks, merge_images
 
 
 class DecoderBlock(keras.layers.Layer):
@@ -64,9 +71,9 @@ class DecoderBlock(keras.layers.Layer):
             if layer is not None:
                 layer.build(input_shape)
 
-    def call(self, x, positions, mask, cache=None, cache_index=None, training=None):
+    def call(self, x, positions, mask, cache=None, cache_index=None, training=None, causal=True):
         attended = self.attention(self.pre_attention_norm(x), positions, mask, cache=cache,
-                                  cache_index=cache_index, training=training)
+                                  cache_index=cache_index, training=training, causal=causal)
         if cache is not None:
             attended, cache = attended
         if self.post_attention_norm is not None:
@@ -105,6 +112,8 @@ class GemmaCausalLM(keras.Model):
         self.blocks = [DecoderBlock(arch.model_dump(), i, attention_implementation, dtype=policy,
                                     name=f"block_{i}") for i in range(arch.num_layers)]
         self.final_norm = RMSNorm(arch.rms_norm_eps, dtype=policy, name="final_norm")
+        self.vision = (VisionEmbedder(arch.model_dump(), dtype=policy, name="vision")
+                       if arch.vision is not None else None)
         self.build_weights()
 
     def build_weights(self):
@@ -113,6 +122,8 @@ class GemmaCausalLM(keras.Model):
         for block in self.blocks:
             block.build(hidden)
         self.final_norm.build(hidden)
+        if self.vision is not None:
+            self.vision.build()
         self.built = True
 
     def embed(self, token_ids):
@@ -129,10 +140,26 @@ class GemmaCausalLM(keras.Model):
             logits = ops.tanh(logits / cap) * cap
         return logits
 
-    def _masks(self, query_index, key_index, query_segment, key_segment):
+    def _masks(self, query_index, key_index, query_segment, key_segment, query_block=None, key_block=None):
         """One mask per attention kind present: {None: global, window: sliding}."""
         windows = {block.attention.window for block in self.blocks}
-        return {w: attention_mask(query_index, key_index, query_segment, key_segment, w) for w in windows}
+        bounded = not self.architecture.prefix_lm
+        return {w: attention_mask(query_index, key_index, query_segment, key_segment, w, query_block, key_block,
+                                  window_bounds_blocks=bounded) for w in windows}
+
+    def embed_inputs(self, token_ids, images=None, prefix_mask=None):
+        """(hidden states entering the blocks [B, T, d], attention blocks [B, T] or None): the token
+        embeddings, with a vision model's image soft tokens merged in (module docstring)."""
+        if self.vision is None:
+            return self.embed(token_ids), None
+        vision = self.architecture.vision
+        in_vocabulary = ops.less(token_ids, self.architecture.vocab_size)
+        x = self.embed(ops.where(in_vocabulary, token_ids, 0))
+        if images is None:
+            return x, None
+        x = merge_images(x, token_ids, self.vision(images), vision.image_token_id)
+        return x, attention_blocks(token_ids, vision.image_token_id,
+                                   prefix_mask if self.architecture.prefix_lm else None)
 
     def call(self, inputs, training=None, return_hidden_states=False):
         token_ids = ops.convert_to_tensor(inputs["token_ids"], "int32")
@@ -145,16 +172,18 @@ class GemmaCausalLM(keras.Model):
             padding = inputs.get("padding_mask")
             segments = (ops.ones_like(token_ids) if padding is None else ops.cast(padding, "int32"))
             positions = ops.broadcast_to(index[None, :], ops.shape(token_ids))
-        masks = self._masks(index, index, segments, segments)
-        x = self.embed(token_ids)
+        x, blocks = self.embed_inputs(token_ids, inputs.get("images"), inputs.get("prefix_mask"))
+        masks = self._masks(index, index, segments, segments, blocks, blocks)
+        causal = blocks is None
         for block in self.blocks:
             mask = masks[block.attention.window]
             if self.remat and training:
                 # Only the hidden states pass through the rematerialised function: TensorFlow's
                 # recompute_grad takes no keyword arguments and would differentiate the boolean mask.
-                x = keras.remat(lambda h, block=block, mask=mask: block(h, positions, mask, training=True))(x)
+                x = keras.remat(lambda h, block=block, mask=mask: block(h, positions, mask, training=True,
+                                                                         causal=causal))(x)
             else:
-                x = block(x, positions, mask, training=training)
+                x = block(x, positions, mask, training=training, causal=causal)
         x = self.final_norm(x)
         if return_hidden_states:
             return x
@@ -167,22 +196,30 @@ class GemmaCausalLM(keras.Model):
         dtype = self.compute_dtype
         return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in self.blocks]
 
-    def call_with_cache(self, token_ids, positions, key_segments, cache, cache_index):
+    def call_with_cache(self, token_ids, positions, key_segments, cache, cache_index, images=None,
+                        key_blocks=None):
         """One decoding step (or the prefill) over cache slots [cache_index, cache_index + t).
 
         `token_ids`, `positions` [B, t]; `key_segments` [B, S]: 1 where a cache slot holds (or, for this
-        step's slots, is about to hold) a real token, 0 for padding; `cache` from `init_cache`.
+        step's slots, is about to hold) a real token, 0 for padding; `cache` from `init_cache`. A vision
+        model's prefill also takes `images` (merged as in `call`) and `key_blocks` [B, S], the attention
+        blocks of the cache slots (`gemma_tune.models.vision.attention_blocks` of the prompt; 0 for the
+        generated slots, which are causal).
         Returns (logits [B, t, vocab], new cache).
         """
         token_ids = ops.convert_to_tensor(token_ids, "int32")
-        length = ops.shape(token_ids)[1]
+        batch, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         key_segments = ops.cast(key_segments, "int32")
         cache_index = ops.convert_to_tensor(cache_index, "int32")  # a tensor: one compiled step for all slots
         query_index = cache_index + ops.arange(length, dtype="int32")
         key_index = ops.arange(ops.shape(key_segments)[1], dtype="int32")
-        query_segments = ops.slice(key_segments, [0, cache_index], [ops.shape(key_segments)[0], length])
-        masks = self._masks(query_index, key_index, query_segments, key_segments)
-        x = self.embed(token_ids)
+        query_segments = ops.slice(key_segments, [0, cache_index], [batch, length])
+        query_blocks = None
+        if key_blocks is not None:
+            key_blocks = ops.cast(key_blocks, "int32")
+            query_blocks = ops.slice(key_blocks, [0, cache_index], [batch, length])
+        masks = self._masks(query_index, key_index, query_segments, key_segments, query_blocks, key_blocks)
+        x, _ = self.embed_inputs(token_ids, images)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block(x, positions, masks[block.attention.window], cache=layer_cache,
