@@ -19,6 +19,15 @@ from typing import ClassVar
 
 import numpy as np
 
+MODEL_INPUTS = ("token_ids", "segment_ids", "positions")
+IMAGE_INPUTS = ("images", "prefix_mask")  # a vision model's batch: pixels [B, N, S, S, 3], PaliGemma's prefix
+
+
+def model_inputs(batch: dict) -> dict:
+    """The decoder's inputs in a batch of the data contract: the token arrays, and the images (with
+    PaliGemma's prefix mask) when the batch carries them."""
+    return {k: batch[k] for k in MODEL_INPUTS + IMAGE_INPUTS if k in batch}
+
 
 class Method(abc.ABC):
     """A tuning method: its batch count, forward statistics, metrics and extra layers (module docstring)."""

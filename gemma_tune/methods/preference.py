@@ -37,13 +37,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from gemma_tune.methods.base import Method, ratio
+from gemma_tune.methods.base import MODEL_INPUTS, Method, ratio
 from gemma_tune.methods.logps import sequence_logps
 
 log = logging.getLogger("gemma_tune")
 
 SIDES = ("chosen", "rejected")
-MODEL_INPUTS = ("token_ids", "segment_ids", "positions")
 CACHE = Path("reference") / "logps.safetensors"
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from keras import ops
 
-from gemma_tune.methods.base import Method, ratio
-from gemma_tune.methods.preference import MODEL_INPUTS, SIDES, count_pairs, pair_tokens, stack_pairs
+from gemma_tune.methods.base import MODEL_INPUTS, Method, ratio
+from gemma_tune.methods.preference import SIDES, count_pairs, pair_tokens, stack_pairs
 from gemma_tune.models.reward import SCORE, score_head, sequence_scores
 
 

@@ -1,5 +1,8 @@
 """Supervised fine-tuning (SFT): next-token cross-entropy, computed in chunks from hidden states.
 
+Text and image-text batches alike: a vision model's batch also carries `images` (and PaliGemma's
+`prefix_mask`), passed to the decoder with the tokens; image and prefix tokens have loss_mask 0.
+
 For the trained positions t (loss_mask[t] = 1) with target token y_t and final hidden state h_t,
 
     z_t    = cap · tanh((h_t · Eᵀ) / cap)        (E the tied embedding [V, H]; no cap when cap is None)
@@ -24,9 +27,7 @@ import math
 import keras
 from keras import ops
 
-from gemma_tune.methods.base import Method, ratio
-
-MODEL_INPUTS = ("token_ids", "segment_ids", "positions")
+from gemma_tune.methods.base import Method, model_inputs, ratio
 
 
 def _chunk_stats(hidden, embedding, targets, mask, softcap):
@@ -96,7 +97,7 @@ class SFT(Method):
 
     def forward(self, trainer, batch, training):
         lm = trainer.lm
-        hidden = lm({k: batch[k] for k in MODEL_INPUTS}, training=training, return_hidden_states=True)
+        hidden = lm(model_inputs(batch), training=training, return_hidden_states=True)
         loss, correct = sft_loss(hidden, lm.token_embedding.embeddings, batch["target_ids"], batch["loss_mask"],
                                  batch["step_targets"][0], chunk_size=trainer.chunk_size,
                                  final_logit_softcap=lm.architecture.final_logit_softcap)
