@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gemma_tune.methods import METHODS
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-DATA_FORMATS = ("text", "prompt_completion", "chat", "preference")
-PLANNED_DATA_FORMATS = ("image_text",)
+DATA_FORMATS = ("text", "prompt_completion", "chat", "preference", "image_text")
 
 
 class Section(BaseModel):
@@ -62,17 +61,25 @@ class DataSource(Section):
                                   "one kind, none leading outside it; a relative path is looked up in the working "
                                   "directory, the recipe's, then the project's) or a hub dataset (hf://ORG/NAME or "
                                   "ORG/NAME)")
-    format: str = Field(description="text | prompt_completion | chat | preference: the columns each row holds "
-                                    "(text; prompt, completion; messages; prompt, chosen, rejected)")
+    format: str = Field(description="text | prompt_completion | chat | preference | image_text: the columns each "
+                                    "row holds (text; prompt, completion; messages, whose contents may be lists of "
+                                    "{type: text, text} / {type: image, image} parts for vision models; prompt, "
+                                    "chosen, rejected; image (a path relative to the data file's directory, bytes, "
+                                    "or a list of them), prefix, suffix: vision models only)")
     split: str | None = Field(default=None, description="dataset split to read (hub datasets); null = 'train'")
     subset: str | None = Field(default=None,
                                description="dataset configuration name (hub datasets); null = the default one")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="rename columns: {expected_name: name_in_the_data}; {} = the "
                                                 "data already uses the format's names")
+    prefix: str | None = Field(
+        default=None, description="image_text only: the prefix of every row (e.g. 'caption en' for a captioning "
+        "dataset without a prefix column; the data's prefix column is then not read); null = each row's prefix")
     template: Literal["chat", "none"] = Field(
-        default="chat", description="prompt_completion only: chat = render as a user/model turn pair with Gemma's "
-        "chat template; none = bos + prompt + completion + eos, concatenated raw")
+        default="chat", description="prompt_completion, and image_text on Gemma 3: chat = render as a user/model "
+        "turn pair with Gemma's chat template (the images, then the prefix, in the user turn); none = bos + prompt "
+        "+ completion + eos (bos + images + prefix + suffix + eos), concatenated raw. PaliGemma's image_text layout "
+        "is always its own: images, bos, prefix, newline, suffix, eos")
 
 
 class DataSection(Section):
@@ -85,15 +92,22 @@ class DataSection(Section):
     max_length: int = Field(default=2048, gt=1, description="tokens per training row (T); longer sequences are "
                                                             "truncated as `truncation` says")
     packing: bool = Field(default=True, description="true = pack several sequences into each row (attention never "
-                                                    "crosses them); false = one sequence per row, padded")
+                                                    "crosses them); false = one sequence per row, padded. Data with "
+                                                    "images is never packed (one sequence per row, logged)")
     loss_on: Literal["completion", "all"] = Field(
         default="completion", description="tokens trained on: completion = the model turns (or completions) only; "
         "all = every token")
     truncation: Literal["right", "left", "drop"] = Field(
         default="right", description="a sequence longer than max_length: right = keep its start, left = keep its "
         "end, drop = leave the row out (counted)")
-    skip_invalid: bool = Field(default=False, description="skip rows that don't fit the format (counted, with "
-                                                          "their row numbers logged) instead of stopping")
+    skip_invalid: bool = Field(default=False, description="skip rows that don't fit the format, or whose image "
+                                                          "is missing or not an image (counted, with their row "
+                                                          "numbers logged) instead of stopping")
+    pan_and_scan: bool = Field(default=False, description="Gemma 3 vision models: also give the model crops of an "
+                                                          "image whose aspect ratio is at least 1.2 (2 to 4 crops, "
+                                                          "each side at least 256 pixels, as transformers' "
+                                                          "Gemma3Processor with do_pan_and_scan), after the whole "
+                                                          "image; false = the whole image only")
     num_proc: int | None = Field(default=None, gt=0, description="tokenisation processes; null = 1 up to 1000 rows, "
                                                                  "else the CPU count, at most 4")
 

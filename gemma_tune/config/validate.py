@@ -136,11 +136,11 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
         if source is None:
             continue
         if source.format not in schema.DATA_FORMATS:
-            planned = source.format in schema.PLANNED_DATA_FORMATS
-            add(f"data.{split}.format",
-                f"data format '{source.format}' is not available yet (it arrives with PaliGemma support)" if planned
-                else f"unknown data format '{source.format}'{_suggest(source.format, schema.DATA_FORMATS)}; "
-                     f"expected one of: {', '.join(schema.DATA_FORMATS)}")
+            add(f"data.{split}.format", f"unknown data format '{source.format}'"
+                                        f"{_suggest(source.format, schema.DATA_FORMATS)}; expected one of: "
+                                        f"{', '.join(schema.DATA_FORMATS)}")
+        elif source.prefix is not None and source.format != "image_text":
+            add(f"data.{split}.prefix", f"a fixed prefix is for image_text data, not {source.format}")
         elif spec is not None and source.format not in spec.formats:
             add(f"data.{split}.format", f"method {spec.name} trains on {' or '.join(spec.formats)} data, "
                                         f"not {source.format}")
@@ -220,10 +220,28 @@ def _check_model(recipe: schema.Recipe) -> list[Problem]:
         if problem is not None:
             return [problem]
         arch = found if arch is None else arch
+    problems = _vision_data_problems(recipe, arch)
     if arch is not None and recipe.data.max_length > arch.max_position_embeddings:
-        return [(("data", "max_length"), f"expected at most the model's context of {arch.max_position_embeddings} "
-                 f"tokens, got {recipe.data.max_length}")]
-    return []
+        problems.append((("data", "max_length"), f"expected at most the model's context of "
+                         f"{arch.max_position_embeddings} tokens, got {recipe.data.max_length}"))
+    return problems
+
+
+def _vision_data_problems(recipe: schema.Recipe, arch: Architecture | None) -> list[Problem]:
+    """Image data for a model known to have no vision encoder, and pan-and-scan for anything but a Gemma 3
+    vision model."""
+    if arch is None:
+        return []
+    problems = []
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if source is not None and source.format == "image_text" and arch.vision is None:
+            problems.append((("data", split, "format"), "image_text rows hold images but the model has no vision "
+                             "encoder (expected PaliGemma, or Gemma 3 4B and larger)"))
+    if recipe.data.pan_and_scan and (arch.vision is None or arch.family != "gemma3"):
+        problems.append((("data", "pan_and_scan"), "pan-and-scan crops images for Gemma 3 vision models only; "
+                         "expected false for this model"))
+    return problems
 
 
 def _weights_mismatch(recipe: schema.Recipe, found: Architecture | None, stated: Architecture | None) -> Problem | None:

@@ -1,6 +1,7 @@
-"""gemma_tune.data: datasets -> Gemma chat template -> loss masks -> packed, deterministic batches.
+"""gemma_tune.data: datasets -> Gemma chat template (and image slots) -> loss masks -> packed, deterministic
+batches (with the images of their rows for vision models).
 
-Entry point: `prepare(recipe.data, tokenizer, seed, cache_dir=None) -> PreparedData` (see
+Entry point: `prepare(recipe.data, tokenizer, seed, cache_dir=None, architecture=None) -> PreparedData` (see
 docs/CONTRACTS.md, "Training batches").
 """
 

@@ -8,6 +8,9 @@ The last batch of an epoch is filled with padding rows (all zeros: no tokens, no
 has shape [batch_size, max_length]. Unpacked splits are length-bucketed: within windows of
 `BUCKET_BATCHES` batches of the epoch's order, rows are sorted by length before batching, and the
 batches are then shuffled.
+
+A vision model's split also has `images` (image_batches.ImageRows): each batch then carries `images`
+float32 [batch_size, N, S, S, 3], decoded for that batch's rows only (zeros for padding rows).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ BUCKET_BATCHES = 32
 
 
 class Split:
-    """Prepared rows: `arrays` (name -> [rows, max_length]) and each row's real-token count."""
+    """Prepared rows: `arrays` (name -> [rows, max_length]), each row's real-token count and, for a vision
+    model, the rows' `images` (None otherwise)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], lengths: np.ndarray, bucketed: bool):
+    def __init__(self, arrays: dict[str, np.ndarray], lengths: np.ndarray, bucketed: bool, images=None):
         self.arrays = arrays
         self.lengths = np.asarray(lengths)
         self.bucketed = bucketed
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -55,6 +60,8 @@ class Split:
             out = np.zeros((batch_size,) + array.shape[1:], array.dtype)
             out[:len(rows)] = array[rows]
             batch[name] = out
+        if self.images is not None:
+            batch["images"] = self.images.gather(rows, batch_size)
         return batch
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:

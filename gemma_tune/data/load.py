@@ -5,6 +5,11 @@ hub dataset (`hf://ORG/NAME` or `ORG/NAME`, with `split` and `subset`). `columns
 renames the data's columns to the names the format expects. `carve_eval` splits an eval share off
 train, deterministically from the seed.
 
+Image columns (the `datasets` Image feature, also inside lists and structs) are read undecoded, as
+`{"bytes", "path"}` dicts: pixels are decoded per batch (image_batches.py), never for the whole dataset.
+Image paths in the data are relative to `image_base_dir(source)`: the data file's directory (a data
+directory itself), None for hub datasets.
+
 Local data is checked before `datasets` reads it: an empty file (no bytes, or only whitespace) is a
 DataError naming it; in a directory, files are found through symbolic links too (each real file and
 directory once), and nothing found may lead outside the directory: a data file or sub-directory whose
@@ -149,7 +154,38 @@ def load_source(source, cache_dir: str | None = None) -> datasets.Dataset:
     except Exception as e:  # unreadable JSON/CSV, missing hub dataset or split, offline
         syntax = _first_json_error(files) if local is not None and builder == "json" else None
         raise (syntax or DataError(f"cannot load data ({type(e).__name__}: {e})", where=entry)) from e
-    return remap_columns(ds, source.columns, where=entry)
+    return _images_undecoded(remap_columns(ds, source.columns, where=entry))
+
+
+def image_base_dir(source) -> str | None:
+    """The directory that image paths of a `DataSource`'s rows are relative to (None: a hub dataset)."""
+    local = resolve_existing(source.path) if not source.path.startswith("hf://") else None
+    if local is None:
+        return None
+    return str(local if local.is_dir() else local.parent)
+
+
+def _undecoded(feature):
+    """`feature` with every Image feature in it set not to decode."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(mode=feature.mode, decode=False)
+    if isinstance(feature, dict):
+        return {name: _undecoded(f) for name, f in feature.items()}
+    if isinstance(feature, datasets.List):
+        return datasets.List(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, datasets.LargeList):
+        return datasets.LargeList(_undecoded(feature.feature))
+    return feature
+
+
+def _images_undecoded(ds: datasets.Dataset) -> datasets.Dataset:
+    """`ds` whose Image columns read as {"bytes", "path"} dicts (a top-level Image column is recast in place;
+    one nested in lists or structs rewrites the dataset once, cached by `datasets`)."""
+    for name, feature in ds.features.items():
+        undecoded = _undecoded(feature)
+        if undecoded != feature:
+            ds = ds.cast_column(name, undecoded)
+    return ds
 
 
 def remap_columns(ds: datasets.Dataset, columns: dict[str, str], where: str) -> datasets.Dataset:

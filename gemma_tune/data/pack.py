@@ -4,7 +4,8 @@ For a row of T slots holding segments s = 1..k (0 = padding) with tokens x and l
     positions[t]  = t - start(segment of t)
     target_ids[t] = x[t+1] if segment[t+1] == segment[t] != 0 else 0
     loss_mask[t]  = l[t+1] under the same condition, else 0.0
-so no target, position or (through segment ids) attention crosses a segment boundary.
+so no target, position or (through segment ids) attention crosses a segment boundary. A PaliGemma
+split also has `prefix_mask` (int32, 1 over each segment's prefix tokens, 0 elsewhere and on padding).
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ import numpy as np
 KEYS = ("token_ids", "segment_ids", "positions", "target_ids", "loss_mask")
 
 
-def truncate(ids: list[int], labels: list[int], max_length: int, mode: str):
-    """(ids, labels) cut to `max_length` (right: keep the start; left: keep the end), or None (drop)."""
-    if len(ids) <= max_length:
-        return ids, labels
+def truncation_window(length: int, max_length: int, mode: str) -> slice | None:
+    """The part of a sequence of `length` tokens kept within `max_length` (right: its start; left: its
+    end), or None (drop: a longer sequence is left out)."""
+    if length <= max_length:
+        return slice(0, length)
     if mode == "drop":
         return None
-    if mode == "left":
-        return ids[-max_length:], labels[-max_length:]
-    return ids[:max_length], labels[:max_length]
+    return slice(length - max_length, length) if mode == "left" else slice(0, max_length)
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int, mode: str):
+    """(ids, labels) cut to `max_length` as `truncation_window` says, or None (drop)."""
+    window = truncation_window(len(ids), max_length, mode)
+    return None if window is None else (ids[window], labels[window])
 
 
 def truncate_pair(chosen, rejected, max_length: int):
@@ -56,10 +62,14 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def build_rows(sequences: list[tuple[list[int], list[int]]], groups: list[list[int]], max_length: int):
-    """Arrays [len(groups), max_length] (KEYS) with the sequences of each group packed in order."""
+def build_rows(sequences: list[tuple[list[int], list[int]]], groups: list[list[int]], max_length: int,
+               prefix_masks: list[list[int]] | None = None):
+    """Arrays [len(groups), max_length] (KEYS, and `prefix_mask` when `prefix_masks` gives each sequence's)
+    with the sequences of each group packed in order."""
     n = len(groups)
     out = {k: np.zeros((n, max_length), np.int32) for k in KEYS[:4]}
+    if prefix_masks is not None:
+        out["prefix_mask"] = np.zeros((n, max_length), np.int32)
     labels = np.zeros((n, max_length), np.float32)
     for r, group in enumerate(groups):
         t = 0
@@ -70,6 +80,8 @@ def build_rows(sequences: list[tuple[list[int], list[int]]], groups: list[list[i
             out["segment_ids"][r, t:t + L] = s
             out["positions"][r, t:t + L] = np.arange(L)
             labels[r, t:t + L] = lab
+            if prefix_masks is not None:
+                out["prefix_mask"][r, t:t + L] = prefix_masks[idx]
             t += L
     same = (out["segment_ids"][:, 1:] == out["segment_ids"][:, :-1]) & (out["segment_ids"][:, 1:] > 0)
     out["target_ids"][:, :-1] = np.where(same, out["token_ids"][:, 1:], 0)

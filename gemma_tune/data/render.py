@@ -22,20 +22,36 @@ sequence (layouts in `preference_turns`).
 
 Preference sequences are labelled as `loss_on: completion` whatever `loss_on` says: a preference
 log-probability (DPO, IPO, SimPO, ORPO, reward models) is over the response tokens only, never the prompt's.
+
+Images (vision models; layouts in layout.py). A message's `content` may be a list of parts
+`{type: text, text}` / `{type: image, image}` (HF's convention): text parts are trimmed (a system
+message's are not) and concatenated with nothing between, and each image part is the image's place (the
+template writes `<start_of_image>` there). An image part without an `image` value takes the next image of
+the row's `images` column (TRL's convention: parts and images matched in order). Images belong in user
+(or system) turns. `image_text` rows (`image`: one value or a list, `prefix`, `suffix`) render as
+PaliGemma's processor does on a PaliGemma model: the images, <bos>, prefix + "\n" (not trained), suffix +
+<eos> (trained); on Gemma 3 as one user turn (the images, then the prefix) and one model turn (the suffix)
+with `template: chat`, or <bos> + images + prefix + suffix (trained) + <eos> (trained) with `template: none`.
+Image slots are never trained on, whatever `loss_on` says. Preference rows are text only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gemma_tune.data.images import ImageError
+from gemma_tune.data.layout import ImageRef, VisionLayout, place_images
+
 ROLES = {"user": "user", "model": "model", "assistant": "model"}
+NO_VISION = ("this model has no vision encoder; rows with images need a vision model (PaliGemma, or Gemma 3 4B "
+             "and larger)")
 
 
 class RowError(ValueError):
     """A row that does not fit its format (the message says what was expected)."""
 
 
-Piece = tuple  # (text: str | None, token_id: int | None, trained: bool)
+Piece = tuple  # (text: str | ImageRef | None, token_id: int | None (when text is None), trained: bool)
 
 
 def _string(value, name: str) -> str:
@@ -46,8 +62,41 @@ def _string(value, name: str) -> str:
     return value
 
 
-def _messages(value, name: str) -> list[tuple[str, str]]:
-    """[(role, content)] of a messages list, roles as written (validated by `chat_pieces`)."""
+def _content(value, name: str, role, images: bool):
+    """A message's content: a string as is, or the parts of a list (see the module docstring) as a string
+    when it holds no image, else a list of strings and `ImageRef`s (a part without `image`: ImageRef(None))."""
+    if not isinstance(value, list):
+        return _string(value, name)
+    segments: list = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = _string(part.get("text"), f"{name}[{j}].text")
+            segments.append(text if role == "system" else text.strip())
+        elif kind == "image" and images:
+            segments.append(ImageRef(part.get("image")))
+        elif kind == "image":
+            raise RowError(f"{name}[{j}] is an image: preference rows are text only")
+        else:
+            raise RowError(f"{name}[{j}] must be a {{type: text, text}} or {{type: image, image}} part")
+    joined = _joined(segments)
+    return joined[0] if len(joined) == 1 and isinstance(joined[0], str) else joined
+
+
+def _joined(segments: list) -> list:
+    """Strings and ImageRefs with adjacent strings concatenated (at least one element)."""
+    out: list = []
+    for segment in segments:
+        if isinstance(segment, str) and out and isinstance(out[-1], str):
+            out[-1] += segment
+        else:
+            out.append(segment)
+    return out or [""]
+
+
+def _messages(value, name: str, images: bool = True) -> list[tuple]:
+    """[(role, content)] of a messages list, roles as written (validated by `chat_pieces`); content as
+    `_content` gives it (`images=False`: an image part is a RowError)."""
     if value is None:
         raise RowError(f"missing column {name!r}")
     if not isinstance(value, list) or not value:
@@ -56,16 +105,43 @@ def _messages(value, name: str) -> list[tuple[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(f"{name}[{i}] must be a {{role, content}} message")
-        out.append((_string(m["role"], f"{name}[{i}].role"), _string(m["content"], f"{name}[{i}].content")))
+        role = _string(m["role"], f"{name}[{i}].role")
+        out.append((role, _content(m["content"], f"{name}[{i}].content", role, images)))
     return out
 
 
-def chat_pieces(messages: list[tuple[str, str]], bos_id: int, first_trained_turn: int = 0) -> list[Piece]:
+def _with_row_images(messages: list[tuple], images) -> list[tuple]:
+    """`messages` with each image part that has no `image` value given the next of the row's `images`."""
+    refs = [seg for _, content in messages if isinstance(content, list) for seg in content
+            if isinstance(seg, ImageRef) and seg.value is None]
+    given = [] if images is None else images if isinstance(images, list) else [images]
+    if not refs and not given:
+        return messages
+    if len(refs) != len(given):
+        raise RowError(f"the messages have {len(refs)} image parts without an `image` value but the row's `images` "
+                       f"column holds {len(given)} images: they are matched in order and must be as many")
+    fill = iter(given)
+    return [(role, [ImageRef(next(fill)) if isinstance(seg, ImageRef) and seg.value is None else seg
+                    for seg in content] if isinstance(content, list) else content) for role, content in messages]
+
+
+def _segments(content) -> list:
+    return content if isinstance(content, list) else [content]
+
+
+def _text_pieces(segments: list, trained: bool) -> list[Piece]:
+    """Pieces of strings and ImageRefs (adjacent strings merged; empty strings left out)."""
+    return [(seg, None, trained) if isinstance(seg, str) else (seg, None, False)
+            for seg in _joined(segments) if seg != ""]
+
+
+def chat_pieces(messages: list[tuple], bos_id: int, first_trained_turn: int = 0) -> list[Piece]:
     """Pieces of a conversation; model turns with index >= `first_trained_turn` (after the system
-    message is folded in) are trained."""
+    message is folded in) are trained. Contents are strings or `_content` lists (images in user or
+    system turns)."""
     system = None
     if messages and messages[0][0] == "system":
-        system = messages[0][1]
+        system = _segments(messages[0][1])
         messages = messages[1:]
     if not messages:
         raise RowError("the conversation has no user turn")
@@ -78,11 +154,14 @@ def chat_pieces(messages: list[tuple[str, str]], bos_id: int, first_trained_turn
         if ROLES[role] != expected:
             raise RowError(f"turn {i}: expected a {expected} turn, got {role!r} "
                            "(turns alternate user/model, starting with user)")
-        text = content.strip()
         if expected == "user":
-            prefix = f"{system}\n\n" if (i == 0 and system) else ""
-            pieces.append((f"<start_of_turn>user\n{prefix}{text}<end_of_turn>\n", None, False))
+            prefix = [*system, "\n\n"] if (i == 0 and system and system != [""]) else []
+            text = [content.strip()] if isinstance(content, str) else content
+            pieces += _text_pieces(["<start_of_turn>user\n", *prefix, *text, "<end_of_turn>\n"], False)
         else:
+            if not isinstance(content, str):
+                raise RowError(f"turn {i}: an image in a model turn; images go in user (or system) turns")
+            text = content.strip()
             if not text:
                 raise RowError(f"turn {i}: empty model turn")
             trained = i >= first_trained_turn
@@ -93,7 +172,7 @@ def chat_pieces(messages: list[tuple[str, str]], bos_id: int, first_trained_turn
     return pieces
 
 
-def _key(turn: tuple[str, str]) -> tuple[str, str]:
+def _key(turn: tuple) -> tuple[str, str]:
     """What a turn renders as: its role (assistant = model) and content (stripped, but a system message's)."""
     role, content = turn
     return ROLES.get(role, role), content if role == "system" else content.strip()
@@ -110,7 +189,7 @@ def _conversation(value, name: str) -> list[tuple[str, str]]:
                        "must be full conversations (messages lists) that share their opening turns (a raw "
                        "transcript such as hh-rlhf's '\\n\\nHuman: … \\n\\nAssistant: …' is not parsed: "
                        "convert it to messages, or give the prompt in its own column)")
-    return _messages(value, name)
+    return _messages(value, name, images=False)
 
 
 def implicit_prompt(chosen: list[tuple[str, str]], rejected: list[tuple[str, str]]) -> int:
@@ -150,17 +229,67 @@ def preference_turns(row: dict) -> tuple[list[tuple[str, str]], dict[str, list[t
         chosen, rejected = _conversation(row.get("chosen"), "chosen"), _conversation(row.get("rejected"), "rejected")
         n = implicit_prompt(chosen, rejected)
         return chosen[:n], {"chosen": chosen[n:], "rejected": rejected[n:]}
-    prompt = [("user", raw)] if isinstance(raw, str) else _messages(raw, "prompt")
+    prompt = [("user", raw)] if isinstance(raw, str) else _messages(raw, "prompt", images=False)
     responses = {}
     for name in ("chosen", "rejected"):
         value = row.get(name)
-        turns = [("model", value)] if isinstance(value, str) else _messages(value, name)
+        turns = [("model", value)] if isinstance(value, str) else _messages(value, name, images=False)
         responses[name] = turns[len(prompt):] if _starts_with(turns, prompt) else turns
     return prompt, responses
 
 
-def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int) -> dict[str, list[Piece]]:
-    """{sequence name: pieces}: {"": …} for sft formats, {"chosen": …, "rejected": …} for preference."""
+def _image_values(value) -> list:
+    """The image values of an `image_text` row's `image`: one value or a non-empty list of them."""
+    if value is None:
+        raise RowError("missing column 'image'")
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise RowError("'image' is an empty list; expected an image or a list of images")
+    if any(v is None for v in values):
+        raise RowError("'image' holds a null; expected an image or a list of images")
+    return values
+
+
+def image_text_pieces(row: dict, template: str, bos_id: int, eos_id: int, family: str | None,
+                      prefix: str | None = None) -> list[Piece]:
+    """Pieces of an `image_text` row for a vision model of `family` (module docstring); `prefix`: every row's
+    (None: the row's own)."""
+    if family is None:
+        raise RowError(NO_VISION)
+    images = [ImageRef(value) for value in _image_values(row.get("image"))]
+    prefix = _string(row.get("prefix"), "prefix") if prefix is None else prefix
+    suffix = _string(row.get("suffix"), "suffix")
+    if not suffix:
+        raise RowError("empty suffix")
+    if family == "paligemma":
+        return [*((ref, None, False) for ref in images), (None, bos_id, False), (prefix + "\n", None, False),
+                (suffix, None, True), (None, eos_id, True)]
+    if template == "none":
+        return [(None, bos_id, False), *_text_pieces([*images, prefix], False), (suffix, None, True),
+                (None, eos_id, True)]
+    return chat_pieces([("user", _joined([*images, prefix.strip()])), ("model", suffix)], bos_id)
+
+
+def _chat_messages(row: dict) -> list[tuple]:
+    return _with_row_images(_messages(row.get("messages"), "messages"), row.get("images"))
+
+
+def row_images(row: dict, fmt: str) -> list:
+    """The image values of a valid row, in the order its pieces hold them ([] for text formats)."""
+    if fmt == "image_text":
+        return _image_values(row.get("image"))
+    if fmt == "chat":
+        return [seg.value for _, content in _chat_messages(row) if isinstance(content, list) for seg in content
+                if isinstance(seg, ImageRef)]
+    return []
+
+
+def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int, family: str | None = None,
+               prefix: str | None = None) -> dict[str, list[Piece]]:
+    """{sequence name: pieces}: {"": …} for sft formats, {"chosen": …, "rejected": …} for preference.
+
+    `family`: the vision layout of the model ("paligemma" | "gemma3"), None for a model without a vision
+    encoder (then a row with images is a RowError); `prefix`: image_text rows' fixed prefix (None: their own)."""
     if fmt == "text":
         return {"": [(None, bos_id, True), (_string(row.get("text"), "text"), None, True),
                      (None, eos_id, True)]}
@@ -173,7 +302,13 @@ def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int) -> 
                          (None, eos_id, True)]}
         return {"": chat_pieces([("user", prompt), ("model", completion)], bos_id)}
     if fmt == "chat":
-        return {"": chat_pieces(_messages(row.get("messages"), "messages"), bos_id)}
+        pieces = chat_pieces(_chat_messages(row), bos_id)
+        if family != "gemma3" and any(isinstance(p[0], ImageRef) for p in pieces):
+            raise RowError(NO_VISION if family is None else "a PaliGemma model takes images in image_text rows "
+                           "(image, prefix, suffix), not in chat messages")
+        return {"": pieces}
+    if fmt == "image_text":
+        return {"": image_text_pieces(row, template, bos_id, eos_id, family, prefix)}
     if fmt == "preference":
         prompt, responses = preference_turns(row)
         n_prompt = len(prompt) - (1 if prompt and prompt[0][0] == "system" else 0)
@@ -184,18 +319,26 @@ def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int) -> 
 
 @dataclass
 class Tokenise:
-    """The `datasets.map` function: row -> ids and labels per sequence, or the row's error.
+    """The `datasets.map` function: row (and its index) -> ids and labels per sequence, or the row's error.
 
     Holds the tokenizer's path (picklable for `num_proc` workers) and loads it once per process.
     Output columns: `{prefix}input_ids`, `{prefix}labels` for prefix "" or "chosen_"/"rejected_", and
     `error` ("" for a valid row). `loss_on: all` labels every token of sft formats; preference labels are
     always the response tokens (module docstring).
+
+    With a `vision` layout (a vision model; sft formats, `holds_images`) also: `image_crops` (per image of
+    the row, in order, its pan-and-scan crops: the row stands for Σ(1 + crops) images), `source_row` (the
+    row's index in the data, for reading its images per batch) and, for PaliGemma, `prefix_mask` (1 over
+    an image_text row's images, <bos>, prefix and "\n": the tokens before the first trained one; 0 for
+    other formats). A missing or unreadable image is the row's error (layout.inspect_image).
     """
 
     tokenizer_path: str
     fmt: str
     template: str
     loss_on: str
+    vision: VisionLayout | None = None
+    prefix: str | None = None  # image_text: every row's prefix (DataSource.prefix); None = the row's own
 
     def _tokenizer(self):
         if getattr(self, "_tok", None) is None:
@@ -206,20 +349,51 @@ class Tokenise:
     def names(self) -> list[str]:
         return ["chosen_", "rejected_"] if self.fmt == "preference" else [""]
 
-    def __call__(self, row: dict) -> dict:
+    @property
+    def holds_images(self) -> bool:
+        return self.vision is not None and self.fmt != "preference"
+
+    @property
+    def prefix_lm(self) -> bool:
+        return self.holds_images and self.vision.family == "paligemma"
+
+    def features(self):
+        """The output columns' types when the rows hold images (None: as `datasets` infers them)."""
+        if not self.holds_images:
+            return None
+        import datasets
+
+        ints = datasets.List(datasets.Value("int32"))
+        columns = {"input_ids": ints, "labels": ints, "error": datasets.Value("string"), "image_crops": ints,
+                   "source_row": datasets.Value("int64")}
+        return datasets.Features({**columns, **({"prefix_mask": ints} if self.prefix_lm else {})})
+
+    def __call__(self, row: dict, index: int | None = None) -> dict:
         tok = self._tokenizer()
         out: dict = {f"{p}{k}": [] for p in self.names() for k in ("input_ids", "labels")}
+        if self.holds_images:
+            out.update(image_crops=[], source_row=-1 if index is None else index,
+                       **({"prefix_mask": []} if self.prefix_lm else {}))
         try:
-            sequences = row_pieces(row, self.fmt, self.template, tok.bos_id, tok.eos_id)
-        except RowError as e:
+            sequences = row_pieces(row, self.fmt, self.template, tok.bos_id, tok.eos_id,
+                                   self.vision.family if self.vision else None, self.prefix)
+            if self.holds_images and any(isinstance(p[0], ImageRef) for p in sequences[""]):
+                sequences[""], out["image_crops"] = place_images(sequences[""], self.vision)
+        except (RowError, ImageError) as e:
             return {**out, "error": str(e)}
         every_token = self.loss_on == "all" and self.fmt != "preference"
+        slot = self.vision.image_token_id if self.vision else None
+        in_prefix = self.prefix_lm and self.fmt == "image_text"
         for name, pieces in sequences.items():
             prefix = f"{name}_" if name else ""
             for text, token_id, trained in pieces:
                 ids = [token_id] if text is None else tok.encode(text)
                 out[f"{prefix}input_ids"] += ids
-                out[f"{prefix}labels"] += [int(trained or every_token)] * len(ids)
+                label = 0 if text is None and token_id == slot else int(trained or every_token)
+                out[f"{prefix}labels"] += [label] * len(ids)
+                in_prefix = in_prefix and not trained
+                if self.prefix_lm:
+                    out["prefix_mask"] += [int(in_prefix)] * len(ids)
         return {**out, "error": ""}
 
     def __getstate__(self):

@@ -70,7 +70,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     log.info("run %s on %s -> %s", recipe.name, backend, run_dir)
     start = resuming.plan(held, recipe, resume)
     lm, tokenizer = build_for_recipe(recipe)
-    data = prepare(recipe.data, tokenizer, recipe.seed)
+    data = prepare(recipe.data, tokenizer, recipe.seed, architecture=lm.architecture)
     steps = total_steps(recipe.train, data.train)
     start.check_length(steps, run_dir)
     schedule = WarmupSchedule.for_recipe(recipe.train, steps)
