@@ -22,6 +22,19 @@ EPILOG = """examples:
 """
 
 
+IMAGES_HELP = """images (--image PATH, repeatable):
+  one --prompt:                         every image goes with it, in the order given
+  several prompts and one --image:      that image goes with each prompt
+  several prompts, as many --image:     the i-th image goes with the i-th prompt
+  any other count is an error (the Python API, generate(..., images=[[...], ...]), takes any lists per prompt).
+  PaliGemma: a prompt's images come first, then <bos>, the prompt and "\\n" (the prompt is a prefix).
+  Gemma 3: each <start_of_image> in a prompt places one of its images (as many markers as images), a prompt
+  without markers gets its images before its text.
+example:
+  gemma-tune generate runs/paligemma --image cat.png --prompt "caption en" --prompt "answer en what is this?"
+"""
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None,
                         help="Keras backend (wins over the recipe's `backend:` and KERAS_BACKEND; default jax)")
@@ -96,16 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("generate", help="sample completions from a model with a KV cache",
-                       description="Load MODEL (anything `gemma-tune export` accepts as SOURCE) and complete each "
-                                   "--prompt, wrapped in Gemma's chat template unless --raw. Greedy by default.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Load MODEL (anything `gemma-tune export` accepts as SOURCE) and complete each\n"
+                                   "--prompt, wrapped in Gemma's chat template unless --raw (PaliGemma prompts are\n"
+                                   "never wrapped: e.g. --prompt 'caption en'). Greedy by default.",
+                       epilog=IMAGES_HELP)
     p.add_argument("model", help="a run directory, HF checkpoint or keras-hub preset dir, an export, hf://, kaggle://")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image file for a vision model (PaliGemma, Gemma 3 4B+); repeat for several (how images "
+                        "go with prompts: below)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--raw", action="store_true", help="continue the prompt text as is (no chat template)")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt text as is (no chat template; PaliGemma never uses one)")
     _add_model_loading(p)
     p.set_defaults(handler=_generate)
 
@@ -196,17 +216,41 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_images(prompts: list[str], images: list[str] | None) -> list[list[str]] | None:
+    """Each prompt's --image paths, by the rule of IMAGES_HELP."""
+    from gemma_tune.errors import ConfigError
+
+    if not images:
+        return None
+    if len(prompts) == 1:
+        return [list(images)]
+    if len(images) == 1:
+        return [list(images) for _ in prompts]
+    if len(images) == len(prompts):
+        return [[image] for image in images]
+    raise ConfigError(f"{len(images)} --image for {len(prompts)} --prompt: give one image (it goes with every "
+                      "prompt), one image per prompt, or a single prompt (it gets every image)")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from gemma_tune.backend import select_backend
 
     select_backend(args.backend)
+    from gemma_tune.data.images import ImageError, check_image_value
     from gemma_tune.errors import CheckpointError, ConfigError
     from gemma_tune.generate import generate
     from gemma_tune.loading import load_model_and_tokenizer
+    from gemma_tune.vision_prompt import NO_VISION, VisionPromptError
 
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
             args.top_p is not None and not 0 < args.top_p <= 1):
         raise ConfigError("--max-new-tokens and --top-k must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    images = _prompt_images(args.prompt, args.image)
+    try:
+        for path in args.image or ():  # before the (long) loading: a missing file is reported at once
+            check_image_value(path, None)
+    except ImageError as e:
+        raise UserError(str(e)) from e
     model, tokenizer = load_model_and_tokenizer(args.model, preset=args.preset, dtype=args.dtype,
                                                 tokenizer=args.tokenizer)
     from gemma_tune.models import RewardModel
@@ -214,11 +258,17 @@ def _generate(args: argparse.Namespace) -> int:
     if isinstance(model, RewardModel):
         raise CheckpointError("a reward model scores sequences (gemma-tune score), it does not generate",
                               where=args.model)
-    completions = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           chat=not args.raw)
-    for prompt, completion in zip(args.prompt, completions):
-        print(f"### {prompt}\n{completion}\n")
+    if images and model.architecture.vision is None:
+        raise CheckpointError(f"--image given, but {NO_VISION}", where=args.model)
+    try:
+        completions = generate(model, tokenizer, args.prompt, images=images, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               chat=False if args.raw else None)
+    except (ImageError, VisionPromptError) as e:
+        raise UserError(str(e)) from e
+    for b, (prompt, completion) in enumerate(zip(args.prompt, completions)):
+        shown = f" [{', '.join(images[b])}]" if images else ""
+        print(f"### {prompt}{shown}\n{completion}\n")
     return 0
 
 

@@ -1,24 +1,33 @@
-"""Text generation with a KV cache: greedy, temperature, top-k and top-p sampling, batched prompts.
+"""Text generation with a KV cache: greedy, temperature, top-k and top-p sampling, batched prompts, images.
 
 Prompts of different lengths are left-padded to the longest, P tokens; the cache holds P +
 max_new_tokens slots. Each row's positions count its real tokens only (0 … L_b − 1 for the prompt, then
 L_b, L_b + 1, …), padding slots are masked out as keys, so a padded row decodes exactly as it would
 alone. One prefill call fills the cache; each new token is one `call_with_cache` step.
 
+Vision models (PaliGemma, Gemma 3 4B and larger) take images with the prompts, one list per prompt; the
+prompt layouts (what transformers' processors build) and the pixels are in `gemma_tune.vision_prompt`. The
+prefill passes the images [B, N, S, S, 3] (a row with fewer than N images padded with zeros, which no slot
+reads) and the attention blocks of the cache slots (PaliGemma: the whole prompt is one bidirectional prefix;
+Gemma 3: each image's slots; padding and generated slots 0, causal); decoding steps pass neither (the cache
+holds the images' keys and values, and a generated token attends causally).
+
 Sampling of the next token from logits z (float32, on the host):
     greedy (temperature == 0): argmax z
     else: z / temperature; keep the top_k largest; keep the smallest set of tokens whose probability
     sums to ≥ top_p (always the most likely one); sample from the renormalised softmax.
-A row stops at its first stop id (<end_of_turn> and <eos> by default); stop ids are not returned.
+A row stops at its first stop id (<end_of_turn> and <eos> by default; <eos> alone for PaliGemma); stop ids
+are not returned.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-CHAT_PROMPT = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+from gemma_tune import vision_prompt
+from gemma_tune.vision_prompt import CHAT_PROMPT  # noqa: F401 - the chat template, public here too
 
 
 def next_token(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None,
@@ -75,16 +84,25 @@ def decoding_step(model):
     return lambda *args: compiled([v.value for v in variables], *args)
 
 
-def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, images=None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (token ids, bos included if wanted), stop ids excluded."""
+    """New token ids for each prompt (token ids, bos included if wanted), stop ids excluded.
+
+    `images` (vision models): None, or one entry per prompt — a list of its images (paths, PIL images or
+    preprocessed arrays [S, S, 3] in [−1, 1]; `vision_prompt.image_array`), an array [N, S, S, 3], or one
+    image. A prompt holds `tokens_per_image` slots of `image_token_id` per image, laid out as
+    `vision_prompt.prompt_ids` does (else a VisionPromptError); images for a model without a vision encoder
+    are a VisionPromptError, an image that cannot be read an ImageError naming it."""
     from keras import ops
 
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    arch = model.architecture
+    rows = vision_prompt.images_per_prompt(arch, images, len(prompt_ids))
+    vision_prompt.check_image_slots(arch, prompt_ids, rows)
     batch = len(prompt_ids)
     lengths = np.array([len(p) for p in prompt_ids])
     prompt_len = int(lengths.max())
@@ -95,12 +113,18 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: 
         tokens[b, prompt_len - len(ids):] = ids
         key_segments[b, :prompt_len - len(ids)] = 0
     positions = np.maximum(np.cumsum(key_segments[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
+    pixels = vision_prompt.pixel_batch(arch, rows)
+    blocks = vision_prompt.prompt_blocks(arch, tokens, key_segments[:, :prompt_len])
+    key_blocks = None
+    if blocks is not None:  # the generated slots are causal (block 0)
+        key_blocks = np.zeros((batch, total), np.int32)
+        key_blocks[:, :prompt_len] = blocks
 
     rng = np.random.default_rng(seed)
-    stop = set(int(s) for s in stop_ids)
+    stop = {int(s) for s in stop_ids}
     cache = model.init_cache(batch, total)
     step_fn = decoding_step(model)
-    logits, cache = step_fn(tokens, positions, key_segments, cache, np.int32(0))
+    logits, cache = step_fn(tokens, positions, key_segments, cache, np.int32(0), pixels, key_blocks)
     last = ops.convert_to_numpy(ops.cast(logits[:, -1, :], "float32"))
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
@@ -120,15 +144,27 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: 
     return outputs
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_ids: Sequence[int] | None = None, chat: bool = True) -> list[str]:
-    """Completions of `prompts`. `chat=True` wraps each as a user turn and opens the model turn
-    (Gemma's chat template); `chat=False` continues the raw text. Both start with <bos>."""
+def generate(model, tokenizer, prompts: Sequence[str], *, images=None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_ids: Sequence[int] | None = None, chat: bool | None = None) -> list[str]:
+    """Completions of `prompts`, each starting with <bos>.
+
+    `chat=True` wraps each prompt as a user turn and opens the model turn (Gemma's chat template);
+    `chat=False` continues the raw text; None (the default) = True, except for PaliGemma, which is not a
+    chat model (its prompt is the raw prefix; `chat=True` there is a VisionPromptError).
+    `images` (vision models): one entry per prompt, a list of its images (paths, PIL images or preprocessed
+    arrays [S, S, 3] in [−1, 1]), laid out as `gemma_tune.vision_prompt` describes: PaliGemma's images
+    before <bos>, Gemma 3's at the prompt's `<start_of_image>` markers (one per image) or before its text.
+    `stop_ids` default: <end_of_turn> and <eos>; <eos> alone for PaliGemma. Generated ids outside the
+    tokenizer's vocabulary (a model's unused rows) are left out of the text."""
+    arch = model.architecture
+    rows = vision_prompt.images_per_prompt(arch, images, len(prompts))
+    if chat is None:
+        chat = not arch.prefix_lm
     if stop_ids is None:
-        stop_ids = (tokenizer.end_of_turn_id, tokenizer.eos_id)
-    prompt_ids = [[tokenizer.bos_id] + tokenizer.encode(CHAT_PROMPT.format(prompt=p) if chat else p)
-                  for p in prompts]
-    new_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        stop_ids = (tokenizer.eos_id,) if arch.prefix_lm else (tokenizer.end_of_turn_id, tokenizer.eos_id)
+    prompt_ids = [vision_prompt.prompt_ids(tokenizer, arch, p, len(rows[b]) if rows else 0, chat)
+                  for b, p in enumerate(prompts)]
+    new_ids = generate_ids(model, prompt_ids, images=rows, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, pad_id=tokenizer.pad_id)
-    return [tokenizer.decode(ids) for ids in new_ids]
+    return [tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]) for ids in new_ids]
