@@ -16,7 +16,9 @@ the directory holds:
 `preset` names a configs/models preset, `architecture` is the one a recipe states (`recipe_architecture`):
 either must compute the same decoder as the checkpoint (a CheckpointError says which fields differ, which
 preset matches the checkpoint, if any, and what to change) and is then the one used, which lets a preset
-supply fields a checkpoint does not record (max_position_embeddings).
+supply fields a checkpoint does not record (max_position_embeddings). A stated vision tower must be the
+checkpoint's too (every `VisionArchitecture` field); a stated architecture without one over a PaliGemma /
+Gemma 3 vision checkpoint loads its text decoder alone (the vision tensors left aside).
 
 `source_architecture(source)` reads the architecture of a local source from its config files alone (no
 weights, no downloads), as recipe validation needs it.
@@ -40,17 +42,22 @@ DECODER_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "n
 PER_LAYER = ("sliding layers", "rope (theta, scaling) per layer")  # left out of a message when num_layers differ
 
 
+VISION_KEY = "vision"
+
+
 def _meaning(arch) -> dict:
-    """What a decoder computes, independent of how its architecture spells it."""
+    """What a model computes, independent of how its architecture spells it: the decoder's fields, then
+    `vision` (whether it has a vision tower) and each `vision.<field>` of one."""
     layers = range(arch.num_layers)
     sliding = [arch.is_sliding(i) for i in layers]
+    vision = {} if arch.vision is None else {f"{VISION_KEY}.{k}": v for k, v in arch.vision.model_dump().items()}
     return {**{f: getattr(arch, f) for f in DECODER_FIELDS}, "query_scale": arch.query_scale,
             "rms_norm_eps": arch.rms_norm_eps, "sliding layers": sliding,
             "sliding_window": arch.sliding_window if any(sliding) else None,
             "rope (theta, scaling) per layer": [arch.rope_for_layer(i) for i in layers],
             "attn_logit_softcap": arch.attn_logit_softcap, "final_logit_softcap": arch.final_logit_softcap,
             "use_post_attention_norm": arch.use_post_attention_norm, "use_post_ffw_norm": arch.use_post_ffw_norm,
-            "use_qk_norm": arch.use_qk_norm}
+            "use_qk_norm": arch.use_qk_norm, VISION_KEY: arch.vision is not None, **vision}
 
 
 def enclosing_run_dir(path: str | Path) -> Path | None:
@@ -60,26 +67,42 @@ def enclosing_run_dir(path: str | Path) -> Path | None:
 
 
 def matching_presets(arch: Architecture) -> list[str]:
-    """The text-model presets of configs/models that compute the same decoder as `arch`."""
+    """The presets of configs/models that compute the same model as `arch`: the same decoder and the same vision
+    tower (PaliGemma and Gemma 3 4B+ presets match vision checkpoints), or none for both."""
     from gemma_tune.config.presets import preset_architecture, preset_names
 
     meaning = _meaning(arch)
-    return [name for name in preset_names()
-            if not name.startswith("paligemma") and _meaning(preset_architecture(name)) == meaning]
+    return [name for name in preset_names() if _meaning(preset_architecture(name)) == meaning]
+
+
+def _differences(checkpoint: dict, stated: dict) -> list[str]:
+    """The keys of `_meaning` that differ. A stated model without a vision tower loads a vision checkpoint's
+    text decoder (its vision keys are not compared); one with a tower over a checkpoint without is one
+    difference, `vision`."""
+    tower = [k for k in checkpoint if k.startswith(VISION_KEY + ".")]
+    keys = [k for k in checkpoint if k != VISION_KEY and k not in tower and checkpoint[k] != stated[k]]
+    if not stated[VISION_KEY]:
+        return keys
+    if not checkpoint[VISION_KEY]:
+        return keys + [VISION_KEY]
+    return keys + [k for k in tower if checkpoint[k] != stated[k]]
 
 
 def architecture_mismatch(checkpoint: Architecture, stated: Architecture, stated_as: str, *,
                           recipe: bool) -> str | None:
-    """None when `stated` computes the same decoder as `checkpoint`, else what differs, which preset
-    matches the checkpoint and how to fix it: as recipe keys (`recipe`) or as a preset to name."""
+    """None when `stated` computes the same decoder as `checkpoint` (and, if it states one, the same vision
+    tower), else what differs, which preset matches the checkpoint and how to fix it: as recipe keys
+    (`recipe`) or as a preset to name."""
     mine, theirs = _meaning(checkpoint), _meaning(stated)
     label = "recipe" if recipe else "preset"
-    keys = [k for k in mine if mine[k] != theirs[k]]
+    keys = _differences(mine, theirs)
     if "num_layers" in keys:
         keys = [k for k in keys if k not in PER_LAYER]
     if not keys:
         return None
-    differ = [f"{k}: checkpoint {mine[k]!r} vs {label} {theirs[k]!r}" for k in keys]
+    differ = [f"{k}: checkpoint {mine[k]!r} vs {label} {theirs[k]!r}" if k != VISION_KEY else
+              f"vision tower: the checkpoint has {'one' if mine[k] else 'none'}, the {label} "
+              f"{'states one' if theirs[k] else 'none'}" for k in keys]
     matches = matching_presets(checkpoint)
     found = f"it matches preset {' or '.join(matches)}" if matches else "no configs/models preset matches it"
     if recipe:

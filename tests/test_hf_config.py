@@ -12,7 +12,8 @@ from gemma_tune.config.presets import preset_architecture, preset_names
 from gemma_tune.errors import CheckpointError
 
 HF_CLASSES = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
-              "gemma3_text": transformers.Gemma3TextConfig}
+              "gemma3_text": transformers.Gemma3TextConfig, "gemma3": transformers.Gemma3Config,
+              "paligemma": transformers.PaliGemmaConfig}  # vision presets: their text_config is the decoder
 
 
 def behaviour(arch):
@@ -33,7 +34,8 @@ def behaviour(arch):
 def test_every_preset_round_trips_through_transformers(preset):
     arch = preset_architecture(preset)
     config = hf_config(arch)
-    hf = HF_CLASSES[config["model_type"]].from_dict(json.loads(json.dumps(config)))
+    whole = HF_CLASSES[config["model_type"]].from_dict(json.loads(json.dumps(config)))
+    hf = whole.get_text_config()
     # transformers reads our file to the same decoder ...
     assert hf.num_hidden_layers == arch.num_layers and hf.head_dim == arch.head_dim
     if arch.family != "gemma":
@@ -48,7 +50,7 @@ def test_every_preset_round_trips_through_transformers(preset):
     else:
         assert hf.rope_parameters["rope_theta"] == arch.rope_theta
     # ... and what transformers writes back reads to the same architecture.
-    assert behaviour(architecture_from_hf(hf.to_dict())) == behaviour(arch)
+    assert behaviour(architecture_from_hf(whole.to_dict())) == behaviour(arch)
     assert behaviour(architecture_from_hf(config)) == behaviour(arch)
 
 

@@ -7,7 +7,12 @@ for shape, transposed where HF stores [out, in], cast and assigned. A missing or
 wrong shape, or an untied `lm_head` is a CheckpointError naming the file and the tensor. Tensors are
 read one at a time (bfloat16 through `ml_dtypes`), so peak memory is the model plus one tensor. A config
 whose `architectures` is a one-label `*ForSequenceClassification` (a reward model) gives a
-`gemma_tune.models.RewardModel`: the decoder's tensors and the head's `score.weight`.
+`gemma_tune.models.RewardModel`: the decoder's tensors and the head's `score.weight`. A PaliGemma or Gemma 3
+vision-language checkpoint (`hf_config.is_multimodal`) gives a model with `.vision`: its tensors are found by
+part (`hf_names.split_name`: the hub's `language_model.model.` / `vision_tower.vision_model.` /
+`multi_modal_projector.` layout, transformers 5's `vision_tower.` and the in-memory `model.language_model.` ...
+names alike; SigLIP's unused pooling head is ignored). Given an architecture without vision (a recipe that
+asks for the text decoder alone), the vision tower and projector of a multimodal checkpoint are left aside.
 
 Writing (`save_hf_checkpoint`): config.json, the weights as `model.safetensors` or, when larger than
 `max_shard_size` bytes, `model-0000K-of-0000N.safetensors` shards with `model.safetensors.index.json`
@@ -15,7 +20,10 @@ Writing (`save_hf_checkpoint`): config.json, the weights as `model.safetensors` 
 float32 first: dequantised when the base is int8/int4 and, with `merge_lora`, plus the LoRA update
 (α/r)·A·B; only then cast to the output dtype, so merging adds no rounding of its own. A `RewardModel` is
 written as transformers' `*ForSequenceClassification` (`hf_config(..., sequence_classifier=True)`): the
-decoder's `model.*` tensors (no lm_head) and `score.weight` [1, hidden].
+decoder's `model.*` tensors (no lm_head) and `score.weight` [1, hidden]. A vision model is written as its
+`*ForConditionalGeneration` in the hub's layout (`hf_names.MULTIMODAL_EXPORT_PREFIXES`), with the files
+`transformers.AutoProcessor` needs (`hf_tokenizer.write_processor_files`, the image tokens in the tokenizer
+files).
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gemma_tune.checkpoints import hf_names
-from gemma_tune.checkpoints.hf_config import architecture_from_hf, hf_config, is_sequence_classifier, read_config_file
-from gemma_tune.checkpoints.hf_tokenizer import generation_config, write_hf_tokenizer_files, write_json
+from gemma_tune.checkpoints.hf_config import (architecture_from_hf, hf_config, is_multimodal, is_sequence_classifier,
+                                              read_config_file)
+from gemma_tune.checkpoints.hf_tokenizer import (BOI, EOI, generation_config, image_token_ids, write_hf_tokenizer_files,
+                                                 write_json, write_processor_files)
 from gemma_tune.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -85,41 +95,47 @@ def _read(file: Path, name: str) -> np.ndarray:
 
 
 class _Reader:
-    """The tensors of one checkpoint by HF name without prefix (plus the names that have none, lm_head and,
-    when `score`, a reward model's head)."""
+    """The tensors of one checkpoint by (part, HF name inside the part) (`hf_names.split_name`), plus the names
+    that have no part: lm_head and, when `score`, a reward model's head. `skip_vision`: leave a multimodal
+    checkpoint's vision tower and projector aside (a text decoder alone is loaded)."""
 
-    def __init__(self, checkpoint_dir: Path, multimodal: bool, score: bool):
-        self.files: dict[str, tuple[str, Path]] = {}
+    def __init__(self, checkpoint_dir: Path, skip_vision: bool, score: bool):
+        self.files: dict[tuple[str, str], tuple[str, Path]] = {}
         self.unexpected: list[str] = []
         self.lm_head: tuple[str, Path] | None = None
         self.score: tuple[str, Path] | None = None
         for name, file in tensor_files(checkpoint_dir).items():
+            found = hf_names.split_name(name)
             if name in hf_names.LM_HEAD_NAMES:
                 self.lm_head = (name, file)
             elif score and name == hf_names.SCORE.hf:
                 self.score = (name, file)
-            elif name.endswith(IGNORED_SUFFIXES) or (multimodal and name.startswith(hf_names.MULTIMODAL_PREFIXES)):
+            elif name.endswith(IGNORED_SUFFIXES):
                 continue
-            elif (short := hf_names.strip_prefix(name)) is not None and short not in self.files:
-                self.files[short] = (name, file)
+            elif found is not None and found[0] == hf_names.VISION and found[1].startswith(hf_names.IGNORED_VISION):
+                continue
+            elif found is not None and found[0] != hf_names.TEXT and skip_vision:
+                continue
+            elif found is not None and found not in self.files:
+                self.files[found] = (name, file)
             else:
                 self.unexpected.append(name)
 
-    def get(self, short: str) -> tuple[str, Path, np.ndarray]:
-        name, file = self.files.pop(short)
+    def get(self, tensor: hf_names.Tensor) -> tuple[str, Path, np.ndarray]:
+        name, file = self.files.pop((tensor.part, tensor.hf))
         return name, file, _read(file, name)
 
 
-def _assign(variable, value: np.ndarray, transpose: bool, name: str, file: Path) -> None:
-    """variable <- value (HF layout; transposed first when `transpose`), after checking the shape."""
+def _assign(variable, value: np.ndarray, tensor: hf_names.Tensor, name: str, file: Path) -> None:
+    """variable <- value (HF layout; permuted to ours by `tensor.from_hf`), after checking the shape."""
     from keras import ops
 
-    expected = tuple(variable.shape)[::-1] if transpose else tuple(variable.shape)
+    expected = tensor.hf_shape(variable.shape)
     if tuple(value.shape) != expected:
         raise CheckpointError(f"tensor {name} has shape {list(value.shape)}, the architecture in config.json "
                               f"expects {list(expected)}", where=str(file))
-    value = np.asarray(value, np.float32)
-    variable.assign(ops.cast(value.T if transpose else value, variable.dtype))
+    value = tensor.from_hf(np.asarray(value, np.float32))
+    variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
 
 
 def _listed(names: list[str]) -> str:
@@ -128,34 +144,37 @@ def _listed(names: list[str]) -> str:
 
 
 def assign_hf_tensors(model, checkpoint_dir: Path, multimodal: bool = False) -> None:
-    """Assign every tensor of `checkpoint_dir` to `model` (a GemmaCausalLM, or a RewardModel: also its
-    head's `score.weight`), nothing missing or left over, checked before any tensor is read; shapes checked
-    one by one."""
+    """Assign every tensor of `checkpoint_dir` to `model` (a GemmaCausalLM — with its vision tower and projector
+    when it has `.vision` — or a RewardModel: also its head's `score.weight`), nothing missing or left over,
+    checked before any tensor is read; shapes checked one by one. `multimodal`: the checkpoint is a
+    vision-language model's, whose vision tensors a model without vision leaves aside."""
     from gemma_tune.models import get_variable, reward_parts
 
     lm, head = reward_parts(model)
-    reader = _Reader(checkpoint_dir, multimodal, score=head is not None)
-    tensors = hf_names.name_map(lm.architecture)
-    wanted = {tensor.hf for tensor in tensors}
-    missing = [hf_names.EXPORT_PREFIX + t.hf for t in tensors if t.hf not in reader.files]
+    arch = lm.architecture
+    layout = multimodal or arch.vision is not None
+    reader = _Reader(checkpoint_dir, skip_vision=multimodal and arch.vision is None, score=head is not None)
+    tensors = hf_names.checkpoint_map(arch)
+    wanted = {(tensor.part, tensor.hf) for tensor in tensors}
+    missing = [hf_names.export_name(t, layout) for t in tensors if (t.part, t.hf) not in reader.files]
     if head is not None and reader.score is None:
         missing.append(hf_names.SCORE.hf)
     if missing:
         raise CheckpointError(f"missing tensors for this architecture: {_listed(missing)}", where=str(checkpoint_dir))
-    extra = reader.unexpected + [name for short, (name, _) in reader.files.items() if short not in wanted]
+    extra = reader.unexpected + [name for key, (name, _) in reader.files.items() if key not in wanted]
     if extra:
-        arch = lm.architecture
+        tower = f" and a vision tower of {arch.vision.num_layers} layers" if arch.vision is not None else ""
         raise CheckpointError(f"unexpected tensors, not part of a {arch.family} decoder with {arch.num_layers} "
-                              f"layers: {_listed(extra)}", where=str(checkpoint_dir))
+                              f"layers{tower}: {_listed(extra)}", where=str(checkpoint_dir))
     embedding = None
     for tensor in tensors:
-        name, file, value = reader.get(tensor.hf)
-        _assign(get_variable(lm, tensor.ours), value, tensor.transpose, name, file)
-        if tensor.hf == hf_names.EMBEDDING_HF:
+        name, file, value = reader.get(tensor)
+        _assign(get_variable(lm, tensor.ours), value, tensor, name, file)
+        if tensor.part == hf_names.TEXT and tensor.hf == hf_names.EMBEDDING_HF:
             embedding = value
     if head is not None:
         name, file = reader.score
-        _assign(head.kernel, _read(file, name), True, name, file)
+        _assign(head.kernel, _read(file, name), hf_names.SCORE, name, file)
     if reader.lm_head is not None:
         name, file = reader.lm_head
         if not np.array_equal(np.asarray(_read(file, name), np.float32), np.asarray(embedding, np.float32)):
@@ -177,7 +196,7 @@ def load_hf_checkpoint(checkpoint_dir: str | Path, dtype: str = "float32", archi
     model = build_model(arch, dtype=dtype)
     if is_sequence_classifier(config, where=str(config_path)):
         model = RewardModel(model)
-    assign_hf_tensors(model, checkpoint_dir, multimodal=config.get("model_type") == "gemma3")
+    assign_hf_tensors(model, checkpoint_dir, multimodal=is_multimodal(config))
     return model
 
 
@@ -190,7 +209,8 @@ def model_dtype(model) -> str:
 
 class _Writer:
     """The HF tensors of a model, made one at a time (see the module docstring) in `dtype`: `names[i]` is
-    the full name of `tensors[i]` (the decoder's under `model.`, then a reward model's `score.weight`)."""
+    the full name of `tensors[i]` (the decoder's under `model.` — a vision model's in the hub's multimodal
+    layout, with its vision tower and projector — then a reward model's `score.weight`)."""
 
     def __init__(self, model, merge_lora: bool, dtype: str):
         from gemma_tune.models import projections, reward_parts
@@ -198,8 +218,9 @@ class _Writer:
         self.model, self.merge_lora, self.dtype = model, merge_lora, DTYPES[dtype]
         self.lm, head = reward_parts(model)
         self.layers = dict(projections(self.lm))
-        self.tensors = hf_names.name_map(self.lm.architecture)
-        self.names = [hf_names.EXPORT_PREFIX + t.hf for t in self.tensors]
+        self.tensors = hf_names.checkpoint_map(self.lm.architecture)
+        multimodal = self.lm.architecture.vision is not None
+        self.names = [hf_names.export_name(t, multimodal) for t in self.tensors]
         if head is not None:
             self.tensors.append(hf_names.SCORE)
             self.names.append(hf_names.SCORE.hf)
@@ -211,17 +232,18 @@ class _Writer:
     def nbytes(self, tensor: hf_names.Tensor) -> int:
         from gemma_tune.models import get_variable
 
-        shape = tuple(get_variable(self._owner(tensor), tensor.ours).shape)
-        if tensor.transpose:  # int4 kernels are packed along the output axis: take it from the layer
-            layer = self.layers.get(tensor.ours.rsplit(".", 1)[0])
-            shape = (layer.units, shape[0]) if layer is not None else shape[::-1]
+        layer = self.layers.get(tensor.ours.rsplit(".", 1)[0]) if tensor.ours.endswith(".kernel") else None
+        if layer is not None:  # int4 kernels are packed along the output axis: take it from the layer
+            shape = (layer.units, int(get_variable(self.lm, tensor.ours).shape[0]))
+        else:
+            shape = tensor.hf_shape(get_variable(self._owner(tensor), tensor.ours).shape)
         return int(np.prod(shape)) * np.dtype(self.dtype).itemsize
 
     def value(self, tensor: hf_names.Tensor) -> np.ndarray:
         from gemma_tune.models import float_weight
 
         value = float_weight(self._owner(tensor), tensor.ours, merge_lora=self.merge_lora)
-        return np.ascontiguousarray((value.T if tensor.transpose else value).astype(self.dtype))
+        return np.ascontiguousarray(tensor.to_hf(value).astype(self.dtype))
 
 
 def _shards(sizes: list[int], max_shard_size: int) -> list[list[int]]:
@@ -261,7 +283,8 @@ def write_weights(model, out_dir: Path, *, merge_lora: bool, dtype: str, max_sha
 def save_hf_checkpoint(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True, dtype: str | None = None,
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write an HF checkpoint of `model` (with `tokenizer`'s files) into the existing directory `out_dir`:
-    a causal LM, or for a `RewardModel` a one-label sequence classifier (module docstring).
+    a causal LM, a vision-language model with its processor files, or for a `RewardModel` a one-label
+    sequence classifier (module docstring).
 
     Not atomic by itself: `gemma_tune.export.export_model` calls it on a temporary directory.
     """
@@ -271,10 +294,19 @@ def save_hf_checkpoint(model, tokenizer, out_dir: str | Path, *, merge_lora: boo
     dtype = dtype or model_dtype(model)
     if dtype not in DTYPES:
         raise CheckpointError(f"cannot write {dtype} weights; expected one of {sorted(DTYPES)}", where="dtype")
-    config = hf_config(model.architecture, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                       pad_id=tokenizer.pad_id, dtype=dtype, sequence_classifier=reward_parts(model)[1] is not None)
+    arch = model.architecture
+    markers = {}
+    if arch.vision is not None:  # checked before anything is written
+        ids = image_token_ids(tokenizer, arch)
+        markers = {"boi_id": ids.get(BOI), "eoi_id": ids.get(EOI)}
+    config = hf_config(arch, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, dtype=dtype,
+                       sequence_classifier=reward_parts(model)[1] is not None, **markers)
     write_weights(model, out_dir, merge_lora=merge_lora, dtype=dtype, max_shard_size=max_shard_size)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation_config(tokenizer))
-    write_hf_tokenizer_files(tokenizer, out_dir)
+    if arch.vision is None:
+        write_hf_tokenizer_files(tokenizer, out_dir)
+    else:  # with the image tokens, and what transformers' AutoProcessor reads
+        write_hf_tokenizer_files(tokenizer, out_dir, arch)
+        write_processor_files(arch, out_dir)
     return out_dir

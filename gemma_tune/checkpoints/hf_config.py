@@ -1,5 +1,7 @@
-"""Hugging Face `config.json` <-> `Architecture` for Gemma 1 (`gemma`), Gemma 2 (`gemma2`) and Gemma 3
-text (`gemma3_text`, and the `text_config` of multimodal `gemma3` configs).
+"""Hugging Face `config.json` <-> `Architecture` for Gemma 1 (`gemma`), Gemma 2 (`gemma2`), Gemma 3 text
+(`gemma3_text`) and the vision-language models PaliGemma 1/2 (`paligemma`: a `gemma` or `gemma2`
+`text_config` and a SigLIP `vision_config`) and Gemma 3 multimodal (`gemma3`: `text_config` and
+`vision_config`).
 
 Reading follows transformers (5.x) exactly, including its defaults for keys a config leaves out
 (hub configs of Gemma 3 multimodal models list only a few text fields) and both spellings of RoPE:
@@ -17,6 +19,20 @@ Writing gives a config that transformers 5 reads to the same model and that olde
 4, vLLM, conversion scripts) understand: both `layer_types` and `sliding_window_pattern` (Gemma 3), and
 both `rope_parameters` and the legacy `rope_theta` / `rope_scaling` / `rope_local_base_freq`.
 
+Vision-language models (`architecture_from_hf` gives the decoder and its `VisionArchitecture`): an absent
+sub-config is transformers' default one (PaliGemma's: So400m/14 at 224 px with MLP 4096 and a Gemma 2B
+text model; Gemma 3's text: `Gemma3TextConfig()`), a given one is completed with its class's defaults
+(`SiglipVisionConfig`: width 768, 12 layers, patch 16, 224 px; `GemmaConfig` / `Gemma2Config`), as
+transformers 5.24 does. tokens_per_image is (image_size / patch_size)² for PaliGemma and
+`mm_tokens_per_image` (256) for Gemma 3; image_token_id is `image_token_index` (PaliGemma 256000,
+Gemma 3 262144 when absent). A `gemma3` config without `vision_config` is read as its text decoder alone (its
+vision tensors, if any, are left aside). PaliGemma's `text_config.use_bidirectional_attention: true` is
+transformers' flag for its prefix-LM and accepted there. Writing a vision model gives the hub's layout:
+`architectures` [PaliGemmaForConditionalGeneration | Gemma3ForConditionalGeneration], `text_config` (as the
+text model's config, plus PaliGemma's `num_image_tokens` and `use_bidirectional_attention: true`),
+`vision_config` (`siglip_vision_model`, `vision_use_head: false`), `image_token_index`, and PaliGemma's
+`projection_dim` / Gemma 3's `mm_tokens_per_image`, `boi_token_index`, `eoi_token_index`.
+
 A reward model is transformers' `*ForSequenceClassification` of the same decoder (`SEQUENCE_CLASSIFIERS`)
 with one label: `architectures` names it and `num_labels`, `id2label`, `label2id` say one label; reading,
 `is_sequence_classifier` tells it from a causal LM by its `architectures`.
@@ -32,7 +48,10 @@ from pydantic import ValidationError
 from gemma_tune.errors import CheckpointError
 from gemma_tune.models.config import Architecture
 
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "paligemma")
+MULTIMODAL_TYPES = ("gemma3", "paligemma")
+MULTIMODAL_ARCHITECTURES = {"paligemma": "PaliGemmaForConditionalGeneration",
+                            "gemma3": "Gemma3ForConditionalGeneration"}
 ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 # transformers' sequence classifiers of the text decoders: a reward model (one label) is one of them
 SEQUENCE_CLASSIFIERS = {"gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
@@ -60,6 +79,20 @@ DEFAULTS = {
                         attn_logit_softcapping=None),
 }
 FAMILY = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+
+SIGLIP = "siglip_vision_model"
+# SiglipVisionConfig's defaults (configuration_siglip.py), for keys a given vision_config leaves out
+SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       num_channels=3, image_size=224, patch_size=16, hidden_act=TANH_GELU, layer_norm_eps=1e-6)
+# PaliGemmaConfig's sub-configs when config.json has none (configuration_paligemma.py, sub_configs_defaults)
+PALIGEMMA_VISION = dict(SIGLIP_DEFAULTS, intermediate_size=4096, hidden_size=1152, patch_size=14, image_size=224,
+                        num_hidden_layers=27, num_attention_heads=16, vision_use_head=False)
+PALIGEMMA_TEXT = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+                      num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
+# PaliGemmaConfig / Gemma3Config top-level defaults
+MULTIMODAL_DEFAULTS = {"paligemma": dict(image_token_index=256000, projection_dim=2048),
+                       "gemma3": dict(image_token_index=262_144, mm_tokens_per_image=256, boi_token_index=255_999,
+                                      eoi_token_index=256_000)}
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -141,14 +174,15 @@ def _layer_pattern(config: dict, num_layers: int, where: str) -> int | None:
                           "gemma_tune's decoder cannot express it", where=f"{where}: layer_types")
 
 
-def _check_supported(config: dict, where: str) -> None:
+def _check_supported(config: dict, where: str, prefix_lm: bool = False) -> None:
+    """`prefix_lm`: PaliGemma's text config, whose use_bidirectional_attention means its prefix-LM."""
     model_type = config["model_type"]
     if not config.get("tie_word_embeddings", True):
         raise CheckpointError("tie_word_embeddings is false; Gemma ties its output projection to the "
                               "embedding", where=where)
     if config.get("attention_bias"):
         raise CheckpointError("attention_bias is true; Gemma projections have no bias", where=where)
-    if config.get("use_bidirectional_attention"):
+    if config.get("use_bidirectional_attention") and not prefix_lm:
         raise CheckpointError("use_bidirectional_attention is true (an encoder such as EmbeddingGemma); "
                               "expected a causal language model", where=where)
     act_key = "hidden_act" if model_type == "gemma" else "hidden_activation"
@@ -158,17 +192,100 @@ def _check_supported(config: dict, where: str) -> None:
         raise CheckpointError(f"{act_key} {activation!r}: Gemma's MLP uses {TANH_GELU}", where=where)
 
 
+def is_multimodal(config: dict) -> bool:
+    """Whether an HF config is a vision-language model's (`paligemma`, `gemma3`): its tensors are laid out by part."""
+    return config.get("model_type") in MULTIMODAL_TYPES
+
+
+def _sub_config(config: dict, key: str, where: str) -> dict | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointError(f"{key} must be an object, got {value!r}", where=where)
+    return None if value is None else dict(value)
+
+
 def architecture_from_hf(config: dict, where: str = "config.json") -> Architecture:
-    """The `Architecture` of a parsed HF Gemma config (a multimodal `gemma3` one: of its text decoder)."""
-    if config.get("model_type") == "gemma3":
-        config = dict(config.get("text_config") or {})
-        config.setdefault("model_type", "gemma3_text")
-        where = f"{where}: text_config"
+    """The `Architecture` of a parsed HF config: a Gemma decoder, or a PaliGemma / Gemma 3 vision-language
+    model (decoder and `vision`; a `gemma3` config without `vision_config`: its text decoder)."""
+    model_type = config.get("model_type")
+    if model_type not in MULTIMODAL_TYPES:
+        fields = _decoder_fields(config, where)
+        return _architecture(fields, where)
+    if not config.get("tie_word_embeddings", True):
+        raise CheckpointError("tie_word_embeddings is false; Gemma ties its output projection to the embedding",
+                              where=where)
+    text_where = f"{where}: text_config"
+    text = _sub_config(config, "text_config", where)
+    vision = _sub_config(config, "vision_config", where)
+    if model_type == "gemma3":
+        text = dict(text or {}, model_type="gemma3_text")  # Gemma3Config's text_config is always Gemma3TextConfig
+        fields = _decoder_fields(text, text_where)
+        if vision is None:
+            return _architecture(fields, where)
+    else:
+        text = dict(PALIGEMMA_TEXT) if text is None else {"model_type": "gemma", **text}
+        if text["model_type"] not in ("gemma", "gemma2"):
+            raise CheckpointError(f"model_type {text['model_type']!r}: PaliGemma's text model is gemma or gemma2",
+                                  where=f"{text_where}: model_type")
+        fields = _decoder_fields(text, text_where, prefix_lm=True)
+        vision = dict(PALIGEMMA_VISION) if vision is None else vision
+    fields["vision"] = _vision_fields(config, vision, fields["hidden_size"], where)
+    return _architecture(fields, where)
+
+
+def _architecture(fields: dict, where: str) -> Architecture:
+    try:
+        return Architecture(**fields)
+    except ValidationError as e:
+        raise CheckpointError(f"does not describe a valid Gemma architecture: {e}", where=where) from e
+
+
+def _vision_fields(config: dict, vision: dict, text_hidden: int, where: str) -> dict:
+    """The `VisionArchitecture` fields of a multimodal config (`vision`: its vision_config, not yet defaulted)."""
+    model_type = config["model_type"]
+    top = {**MULTIMODAL_DEFAULTS[model_type], **config}
+    vision_where = f"{where}: vision_config"
+    if vision.get("model_type", SIGLIP) != SIGLIP:
+        raise CheckpointError(f"model_type {vision['model_type']!r}: the vision tower is SigLIP ({SIGLIP!r})",
+                              where=f"{vision_where}: model_type")
+
+    def get(key):
+        return vision.get(key, SIGLIP_DEFAULTS[key])
+
+    if get("hidden_act") != TANH_GELU:
+        raise CheckpointError(f"hidden_act {get('hidden_act')!r}: SigLIP's MLP uses {TANH_GELU}", where=vision_where)
+    if get("num_channels") != 3:
+        raise CheckpointError(f"num_channels {get('num_channels')}: the vision tower reads RGB images (3)",
+                              where=vision_where)
+    sizes = {}
+    for key in ("image_size", "patch_size"):
+        value = get(key)
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or value[0] != value[1]:
+                raise CheckpointError(f"{key} {value!r}: expected a square size", where=vision_where)
+            value = value[0]
+        sizes[key] = value
+    if model_type == "paligemma":
+        if top["projection_dim"] != text_hidden:
+            raise CheckpointError(f"projection_dim {top['projection_dim']} differs from the text model's hidden_size "
+                                  f"{text_hidden}: PaliGemma projects images to the text width", where=where)
+        patches = sizes["image_size"] // sizes["patch_size"] if sizes["patch_size"] else 0
+        tokens = patches ** 2
+    else:
+        tokens = top["mm_tokens_per_image"]
+    return dict(image_size=sizes["image_size"], patch_size=sizes["patch_size"], num_layers=get("num_hidden_layers"),
+                hidden_size=get("hidden_size"), num_heads=get("num_attention_heads"),
+                intermediate_size=get("intermediate_size"), layer_norm_eps=get("layer_norm_eps"),
+                tokens_per_image=tokens, image_token_id=top.get("image_token_id", top["image_token_index"]))
+
+
+def _decoder_fields(config: dict, where: str, prefix_lm: bool = False) -> dict:
+    """The decoder fields of a text model's config (model_type gemma, gemma2 or gemma3_text)."""
     model_type = config.get("model_type")
     if model_type not in DEFAULTS:
         raise CheckpointError(f"model_type {model_type!r} is not a Gemma decoder; expected one of {MODEL_TYPES}",
                               where=where)
-    _check_supported(config, where)
+    _check_supported(config, where, prefix_lm)
     defaults = DEFAULTS[model_type]
 
     def get(key):
@@ -192,10 +309,7 @@ def architecture_from_hf(config: dict, where: str = "config.json") -> Architectu
             fields.update(sliding_window=window, sliding_window_pattern=_layer_pattern(config, num_layers, where))
     else:
         _layer_pattern(config, num_layers, where)
-    try:
-        return Architecture(**fields)
-    except ValidationError as e:
-        raise CheckpointError(f"does not describe a valid Gemma architecture: {e}", where=where) from e
+    return fields
 
 
 def read_hf_architecture(checkpoint_dir: str | Path) -> Architecture:
@@ -256,10 +370,19 @@ def _rope_dict(theta: float, factor: float) -> dict:
 
 
 def hf_config(arch: Architecture, *, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0,
-              dtype: str = "float32", sequence_classifier: bool = False) -> dict:
+              dtype: str = "float32", sequence_classifier: bool = False, boi_id: int | None = None,
+              eoi_id: int | None = None) -> dict:
     """config.json contents for `arch` (see the module docstring); `dtype` is the tensors' dtype.
     `sequence_classifier`: a reward model, transformers' `*ForSequenceClassification` with one label
-    (`pad_token_id` is how it finds each sequence's last real token)."""
+    (`pad_token_id` is how it finds each sequence's last real token). A vision model's config is its
+    `*ForConditionalGeneration`'s; `boi_id` / `eoi_id` are Gemma 3's `<start_of_image>` / `<end_of_image>` ids
+    (None: transformers' defaults)."""
+    if arch.vision is not None:
+        if sequence_classifier:
+            raise CheckpointError("a reward model with a vision tower cannot be written as a transformers "
+                                  "checkpoint", where=f"family {arch.family}")
+        return _multimodal_config(arch, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, dtype=dtype, boi_id=boi_id,
+                                  eoi_id=eoi_id)
     _check_expressible(arch)
     config = {
         "architectures": [(SEQUENCE_CLASSIFIERS if sequence_classifier else ARCHITECTURES)[arch.family]],
@@ -308,4 +431,36 @@ def hf_config(arch: Architecture, *, bos_id: int = 2, eos_id: int = 1, pad_id: i
             config["sliding_window_pattern"] = arch.sliding_window_pattern if arch.sliding_window else 1
     if sequence_classifier:
         config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return config
+
+
+def _multimodal_config(arch: Architecture, *, bos_id: int, eos_id: int, pad_id: int, dtype: str,
+                       boi_id: int | None, eoi_id: int | None) -> dict:
+    """config.json of a PaliGemma / Gemma 3 vision-language model, in the hub's layout (module docstring)."""
+    vision = arch.vision
+    model_type = "gemma3" if arch.family == "gemma3" else "paligemma"
+    text = hf_config(arch.model_copy(update={"vision": None}), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                     dtype=dtype)
+    del text["architectures"]
+    vision_config = {
+        "model_type": SIGLIP, "hidden_size": vision.hidden_size, "intermediate_size": vision.intermediate_size,
+        "num_hidden_layers": vision.num_layers, "num_attention_heads": vision.num_heads, "num_channels": 3,
+        "image_size": vision.image_size, "patch_size": vision.patch_size, "hidden_act": TANH_GELU,
+        "layer_norm_eps": vision.layer_norm_eps, "attention_dropout": 0.0, "vision_use_head": False,
+        "dtype": dtype, "torch_dtype": dtype,
+    }
+    config = {"architectures": [MULTIMODAL_ARCHITECTURES[model_type]], "model_type": model_type,
+              "image_token_index": vision.image_token_id}
+    if model_type == "paligemma":
+        text.update(num_image_tokens=vision.tokens_per_image, use_bidirectional_attention=True)
+        vision_config.update(projection_dim=arch.hidden_size, num_image_tokens=vision.tokens_per_image)
+        config.update(hidden_size=arch.hidden_size, projection_dim=arch.hidden_size, vocab_size=arch.vocab_size)
+    else:
+        defaults = MULTIMODAL_DEFAULTS["gemma3"]
+        config.update(mm_tokens_per_image=vision.tokens_per_image,
+                      boi_token_index=defaults["boi_token_index"] if boi_id is None else boi_id,
+                      eoi_token_index=defaults["eoi_token_index"] if eoi_id is None else eoi_id,
+                      initializer_range=0.02)
+    config.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=True,
+                  text_config=text, vision_config=vision_config, dtype=dtype, torch_dtype=dtype)
     return config

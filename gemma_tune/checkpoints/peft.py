@@ -7,6 +7,14 @@ lora_A.weight [r, in], lora_B.weight [out, r] and scaling = lora_alpha / r (lora
 `peft.PeftModel.from_pretrained(transformers_base, DIR)` computes our model's function. Tensor names are
 `base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight` with the modules of `hf_names`.
 
+A vision model's adapters (PaliGemma, Gemma 3: LoRA on the text decoder) are named as PEFT names them on
+transformers 5's `*ForConditionalGeneration`, `base_model.model.model.language_model.layers.{i}.<module>…`,
+and the config excludes the vision tower (`exclude_modules: ".*vision_tower.*"`), whose SigLIP attention
+also has q/k/v_proj modules that the target names would otherwise reach. Reading accepts the decoder under
+any of `hf_names.IMPORT_PREFIXES` (transformers 4's `language_model.model.` too); LoRA on the vision tower
+(a PEFT adapter trained with those target names and no exclusion) is refused: gemma_tune's LoRA is on the
+decoder's projections.
+
 A reward model's adapter (`gemma_tune.models.RewardModel`) is PEFT's sequence classification: `task_type:
 SEQ_CLS`, and its trained head saved whole beside the adapters (`modules_to_save: ["score"]`, the tensor
 `base_model.model.score.weight` [1, hidden]), so that `AutoPeftModelForSequenceClassification.from_pretrained(
@@ -30,6 +38,7 @@ from gemma_tune.checkpoints.hf_tokenizer import write_json
 from gemma_tune.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
+VISION_EXCLUDED = ".*vision_tower.*"  # PEFT's exclude_modules of a vision model's adapter (a full-match regex)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 SEQ_CLS = "SEQ_CLS"
@@ -66,11 +75,18 @@ def _lora_settings(model) -> tuple[int, float, float, list[str]]:
     return rank, alpha, dropout, sorted(targets)
 
 
+def module_prefix(model) -> str:
+    """The prefix PEFT gives the decoder's modules (after `base_model.model.`): `model.` for a causal LM,
+    `model.language_model.` for a vision model."""
+    return "model.language_model." if model.architecture.vision is not None else hf_names.EXPORT_PREFIX
+
+
 def adapter_config(model, base_model_name_or_path: str | None, score_head: bool = False) -> dict:
     """adapter_config.json of `model`'s (a decoder's) adapters; `score_head`: a reward model's (SEQ_CLS, the
     head saved whole)."""
     rank, alpha, dropout, targets = _lora_settings(model)
-    return {
+    vision = {"exclude_modules": VISION_EXCLUDED} if model.architecture.vision is not None else {}
+    return {**vision,
         "peft_type": "LORA", "task_type": SEQ_CLS if score_head else "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "lora_dropout": dropout, "target_modules": targets, "base_model_name_or_path": base_model_name_or_path,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
@@ -88,7 +104,7 @@ def adapter_tensors(model, dtype: str = "float32") -> dict[str, np.ndarray]:
 
     tensors = {}
     for path, layer in lora_projections(model):
-        name = PEFT_PREFIX + hf_names.EXPORT_PREFIX + hf_names.hf_projection_name(path)
+        name = PEFT_PREFIX + module_prefix(model) + hf_names.hf_projection_name(path)
         for key, variable in (("lora_A", layer.lora_kernel_a), ("lora_B", layer.lora_kernel_b)):
             value = ops.convert_to_numpy(ops.cast(variable, "float32")).T
             tensors[f"{name}.{key}.weight"] = np.ascontiguousarray(value.astype(DTYPES[dtype]))
@@ -196,7 +212,7 @@ def load_peft_adapter(model, adapter_dir: str | Path):
                     name = next((PEFT_PREFIX + prefix + f"{base}.{key}.weight" for prefix in hf_names.IMPORT_PREFIXES
                                  if PEFT_PREFIX + prefix + f"{base}.{key}.weight" in names), None)
                     if name is None:
-                        raise CheckpointError(f"missing tensor {PEFT_PREFIX}{hf_names.EXPORT_PREFIX}{base}.{key}.weight",
+                        raise CheckpointError(f"missing tensor {PEFT_PREFIX}{module_prefix(lm)}{base}.{key}.weight",
                                               where=str(file))
                     names.discard(name)
                     value = np.asarray(f.get_tensor(name), np.float32).T
@@ -206,9 +222,21 @@ def load_peft_adapter(model, adapter_dir: str | Path):
                     variable.assign(ops.cast(value, variable.dtype))
     except (SafetensorError, FileNotFoundError) as e:
         raise CheckpointError(f"not a readable safetensors file ({e})", where=str(file)) from e
+    vision = sorted(name for name in names if _in_vision_tower(name))
+    if vision:
+        shown = ", ".join(vision[:3]) + (" …" if len(vision) > 3 else "")
+        raise CheckpointError(f"LoRA on the vision tower ({shown}) is not "
+                              "supported: gemma_tune's LoRA is on the text decoder's projections (a PEFT adapter for "
+                              f"a vision model needs exclude_modules: {VISION_EXCLUDED!r})", where=str(file))
     if names:
         raise CheckpointError(f"unexpected tensors: {', '.join(sorted(names)[:5])}", where=str(file))
     return model
+
+
+def _in_vision_tower(name: str) -> bool:
+    """Whether an adapter tensor's module lies in a vision model's vision tower or projector."""
+    found = hf_names.split_name(name.removeprefix(PEFT_PREFIX))
+    return found is not None and found[0] != hf_names.TEXT
 
 
 def adapter_base(adapter_dir: Path) -> str:

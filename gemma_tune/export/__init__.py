@@ -4,6 +4,8 @@ Formats:
   * "keras" — the native `.keras` archive and a keras-hub preset (`gemma_tune.export.keras`);
   * "safetensors" — a Hugging Face checkpoint transformers loads (`gemma_tune.checkpoints.hf`);
   * "peft" — the LoRA adapters as a PEFT adapter for the base model (`gemma_tune.checkpoints.peft`).
+A vision model (PaliGemma, Gemma 3 4B+) exports as safetensors — its `*ForConditionalGeneration` in the hub's
+layout with the processor files — or as peft (the decoder's adapters, named as PEFT names them on that class).
 A reward model (`gemma_tune.models.RewardModel`) exports as safetensors — transformers'
 `*ForSequenceClassification` with one label — or as peft (SEQ_CLS, its score head saved whole); the keras
 format holds a causal LM and refuses it.
@@ -92,7 +94,10 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora:
 
             base = base_model_name(base_model or getattr(model, "checkpoint_source", None))
             save_peft_adapter(model, tmp, base_model_name_or_path=base, dtype=dtype)
-            write_hf_tokenizer_files(tokenizer, tmp)
+            if model.architecture.vision is None:
+                write_hf_tokenizer_files(tokenizer, tmp)
+            else:  # with the image tokens
+                write_hf_tokenizer_files(tokenizer, tmp, model.architecture)
             if base is None:
                 log.warning(UNKNOWN_BASE)
         else:
