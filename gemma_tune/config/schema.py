@@ -42,6 +42,11 @@ class ModelSection(Section):
         default="bfloat16", description="compute dtype; trainable weights stay float32 when it is 16-bit (with "
         "LoRA the frozen base is stored in bfloat16); float16 scales the loss and does not train with JAX on a "
         "CPU; float32 for exactness tests")
+    train_vision: Literal["none", "projector", "all"] = Field(
+        default="none", description="vision models (PaliGemma, Gemma 3 4B+): what of the image side trains besides "
+        "the decoder — none (SigLIP and its projector frozen, as the references tune them), projector (the "
+        "projection into the decoder, and Gemma 3's soft-token norm), all (the SigLIP encoder too); ignored for "
+        "text models")
 
 
 class LoraSection(Section):

@@ -1,4 +1,5 @@
-"""LoRA, QLoRA-style quantisation of the frozen base, and access to the model's weights by path.
+"""LoRA, QLoRA-style quantisation of the frozen base, what of a vision model trains, and access to the
+model's weights by path.
 
 LoRA (Hu et al., 2021) on a projection W [in, out]:  y = x·W + (α/r)·(dropout(x)·A)·B with A [in, r]
 (random), B [r, out] (zeros), W frozen. Keras' own Dense LoRA variables hold A and B
@@ -93,6 +94,8 @@ def enable_lora(model, rank: int, alpha: float, dropout: float = 0.0,
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; expected {list(LORA_TARGET_PROJECTIONS)}")
     target_names = {LORA_TARGET_PROJECTIONS[t][1] for t in targets}
     model.token_embedding.trainable = False
+    if model.vision is not None:
+        model.vision.trainable = False
     model.final_norm.trainable = False
     for block in model.blocks:
         for norm in (block.pre_attention_norm, block.post_attention_norm, block.pre_ffw_norm,
@@ -194,6 +197,22 @@ def count_params(model) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
+VISION_TRAINING = ("none", "projector", "all")
+
+
+def set_vision_training(model, mode: str) -> None:
+    """Which part of a vision model's image side trains: "none" (SigLIP and the projector frozen, as the
+    references tune PaliGemma and Gemma 3), "projector" (the projector, and Gemma 3's soft-token norm), or
+    "all" (the encoder too). A model without `vision` is left as it is."""
+    if mode not in VISION_TRAINING:
+        raise ValueError(f"vision training must be one of {VISION_TRAINING}, got {mode!r}")
+    vision = model.vision
+    if vision is None:
+        return
+    vision.trainable = mode != "none"
+    vision.encoder.trainable = mode == "all"
+
+
 def add_recipe_adapters(model, recipe) -> None:
     """The recipe's `quantize` (frozen base kernels) then its `lora` adapters, in that order: adapters
     added after quantisation stay float32 (QLoRA). Used by training and to restore a run's checkpoint."""
@@ -202,3 +221,4 @@ def add_recipe_adapters(model, recipe) -> None:
     if recipe.lora is not None:
         lora = recipe.lora
         enable_lora(model, lora.rank, lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    set_vision_training(model, recipe.model.train_vision)

@@ -59,7 +59,7 @@ def attention_mask(query_index, key_index, query_segment, key_segment, window: i
 
 def plain_attention(query, key, value, mask, *, scale: float, softcap: float | None):
     """Reference attention in keras.ops. query [B, T, N, D], key/value [B, S, K, D], mask [B, T, S]."""
-    length, num_heads, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    length, num_heads, head_dim = ops.shape(query)[1], query.shape[2], query.shape[3]
     num_kv = key.shape[2]
     groups = num_heads // num_kv
     query = ops.reshape(query, (-1, length, num_kv, groups, head_dim))
