@@ -117,6 +117,11 @@ class DataSection(Section):
                                                                  "else the CPU count, at most 4")
 
 
+class SamplePrompt(Section):
+    prompt: str = Field(description="the prompt (PaliGemma: its task prefix, e.g. 'caption en')")
+    images: list[str] = Field(default_factory=list, description="image files that go with the prompt")
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(default=None, gt=0, description="optimisation steps to train; wins over epochs; "
                                                                   "null = as many as `epochs` take")
@@ -155,9 +160,10 @@ class TrainSection(Section):
     jit_compile: bool | Literal["auto"] = Field(default="auto", description="compile the train step with XLA (Keras' "
                                                                            "jit_compile); auto = Keras' choice for "
                                                                            "the backend")
-    sample_prompts: list[str] = Field(default_factory=list,
-                                      description="prompts completed greedily at each evaluation, written to "
-                                                  "samples.jsonl in the run directory; [] = none")
+    sample_prompts: list[str | SamplePrompt] = Field(
+        default_factory=list, description="prompts completed greedily at each evaluation, written to samples.jsonl "
+        "in the run directory: a string, or {prompt, images: [paths]} for a vision model (paths like data paths: "
+        "the working directory, the recipe's, then the project's); [] = none")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":

@@ -149,6 +149,13 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
             add(f"data.{split}.path", f"data file or directory '{source.path}' not found")
         elif isinstance(resolved, Path):
             source.path = str(resolved)
+    for i, sample in enumerate(recipe.train.sample_prompts):
+        for j, image in enumerate(getattr(sample, "images", ())):
+            resolved = _resolve_local(image, recipe_dir, looks_local=True)
+            if resolved is False and check_files:
+                add(f"train.sample_prompts.{i}.images.{j}", f"image file '{image}' not found")
+            elif isinstance(resolved, Path):
+                sample.images[j] = str(resolved)
     if recipe.data.eval is not None and recipe.data.eval_fraction > 0:
         add("data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
 
@@ -201,9 +208,6 @@ def _check_model(recipe: schema.Recipe) -> list[Problem]:
     if model.preset is not None and model.preset not in presets.preset_names():
         return [(("model", "preset"), f"unknown model preset '{model.preset}'"
                  f"{_suggest(model.preset, presets.preset_names())}; run `gemma-tune list` for all")]
-    if model.preset is not None and model.preset.startswith("paligemma"):
-        return [(("model", "preset"), f"'{model.preset}' is a vision-language model: tuning it needs the image "
-                 "pipeline that arrives with PaliGemma support")]
     try:
         arch = recipe_architecture(recipe)
     except ValidationError as e:

@@ -57,7 +57,7 @@ def reward_rules(recipe, options: dict) -> list[tuple[str, str]]:
     return problems
 
 
-SFT_FORMATS = ("text", "prompt_completion", "chat")
+SFT_FORMATS = ("text", "prompt_completion", "chat", "image_text")
 REFERENCE = {"reference": None, "precompute_reference": None}  # dpo/ipo; checked by reference_rules
 METHODS = {spec.name: spec for spec in (
     MethodSpec("sft", SFT_FORMATS, "gemma_tune.methods.sft:SFT"),

@@ -236,7 +236,8 @@ def evaluate(trainer, split, batch_size: int) -> dict:
 
 class Evaluator(StepCallback):
     """Every `every` steps and at the last step: an eval row to `sink` (with an eval split); with `prompts`, greedy
-    samples appended to `run_dir/samples.jsonl` as {"step", "prompt", "completion"}."""
+    samples appended to `run_dir/samples.jsonl` as {"step", "prompt", "completion"} (and "images", the sample's
+    image files, for a vision model)."""
 
     def __init__(self, split, batch_size: int, sink, every: int | None, total_steps: int, *, lm=None,
                  tokenizer=None, prompts=(), run_dir: Path | None = None, max_new_tokens: int = 48, **kw):
@@ -261,12 +262,16 @@ class Evaluator(StepCallback):
     def sample(self, step: int) -> list[str]:
         from gemma_tune.generate import generate
 
+        texts = [p if isinstance(p, str) else p.prompt for p in self.prompts]
+        images = [[] if isinstance(p, str) else list(p.images) for p in self.prompts]
         with _inference():
-            outputs = generate(self.lm, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+            outputs = generate(self.lm, self.tokenizer, texts, images=images if any(images) else None,
+                               max_new_tokens=self.max_new_tokens)
         with open(self.samples, "a", encoding="utf-8") as f:
-            for prompt, completion in zip(self.prompts, outputs):
-                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
-        log.info("sample at step %d: %r -> %r", step, self.prompts[0], outputs[0])
+            for prompt, shown, completion in zip(texts, images, outputs):
+                row = {"step": step, "prompt": prompt, **({"images": shown} if shown else {}), "completion": completion}
+                f.write(json.dumps(row) + "\n")
+        log.info("sample at step %d: %r -> %r", step, texts[0], outputs[0])
         return outputs
 
 
