@@ -150,7 +150,8 @@ def _check(arch, stated: _Stated | None, where: str):
 def _load_dir(path: Path, stated: _Stated | None, dtype: str, where: str):
     from gemma_tune.checkpoints.hf import is_hf_checkpoint, load_hf_checkpoint
     from gemma_tune.checkpoints.hf_config import read_hf_architecture
-    from gemma_tune.checkpoints.keras_hub import is_keras_hub_preset, load_keras_hub_preset
+    from gemma_tune.checkpoints.keras_hub import (is_keras_hub_preset, load_keras_hub_preset,
+                                                  read_keras_hub_architecture)
     from gemma_tune.checkpoints.peft import adapter_base, is_peft_adapter, load_peft_adapter
     from gemma_tune.checkpoints.sources import resolve_source
 
@@ -162,8 +163,8 @@ def _load_dir(path: Path, stated: _Stated | None, dtype: str, where: str):
         arch = _check(read_hf_architecture(path), stated, where)
         return load_hf_checkpoint(path, dtype=dtype, architecture=arch)
     if is_keras_hub_preset(path):  # also a keras export: model.keras beside the preset files
-        model, _ = load_keras_hub_preset(path, dtype)
-        _check(model.architecture, stated, where)
+        arch = _check(read_keras_hub_architecture(path), stated, where)
+        model, _ = load_keras_hub_preset(path, dtype, text_only=arch.vision is None)
         return model
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):  # a directory holding one checkpoint
         if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
@@ -203,8 +204,8 @@ def source_architecture(source) -> Architecture | None:
     sources (and adapters whose base is one): their architecture is known once they are downloaded.
     CheckpointError for a local directory that holds no readable checkpoint."""
     from gemma_tune.checkpoints.hf import is_hf_checkpoint
-    from gemma_tune.checkpoints.hf_config import read_config_file, read_hf_architecture
-    from gemma_tune.checkpoints.keras_hub import CONFIG_FILE, architecture_from_keras_hub, is_keras_hub_preset
+    from gemma_tune.checkpoints.hf_config import read_hf_architecture
+    from gemma_tune.checkpoints.keras_hub import is_keras_hub_preset, read_keras_hub_architecture
     from gemma_tune.checkpoints.peft import adapter_base, is_peft_adapter
     from gemma_tune.checkpoints.sources import resolve_source
     from gemma_tune.config.paths import is_remote
@@ -217,8 +218,7 @@ def source_architecture(source) -> Architecture | None:
     if is_hf_checkpoint(path):
         return read_hf_architecture(path)
     if is_keras_hub_preset(path):
-        config = read_config_file(path / CONFIG_FILE)
-        return architecture_from_keras_hub(config["class_name"], config.get("config", {}), str(path / CONFIG_FILE))
+        return read_keras_hub_architecture(path)
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         if is_keras_hub_preset(sub) or is_hf_checkpoint(sub):
             return source_architecture(sub)
