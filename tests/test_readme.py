@@ -66,3 +66,23 @@ def test_readme_commands_run_in_order(tmp_path):
     for export in (run_dir / "exports" / "safetensors", run_dir / "exports" / "keras", tmp_path / "exports" / "quickstart-hf"):
         np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(batch)), trained, atol=1e-5,
                                    err_msg=str(export))
+
+    # the vision quickstart: a tiny PaliGemma learns the bundled captions; its export computes what it trained
+    vision_dir = tmp_path / "runs" / "paligemma-quickstart"
+    vision = json.loads((vision_dir / "summary.json").read_text())
+    assert vision["status"] == "finished" and vision["steps"] == 300
+    assert vision["final_loss"] < vision["first_loss"] - 4.0
+    samples = [json.loads(line) for line in (vision_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [100, 100, 200, 200, 300, 300]
+    assert all(s["images"] and s["prompt"] == "caption en" for s in samples)
+    assert samples[-1]["completion"].startswith("a ")  # the caption grammar is learnt
+    from gemma_tune.data.images import load_images
+
+    pixels = load_images(["data/tiny_vision/images/141.png"], ROOT, 56, "bicubic")[None]
+    tokens = np.array([[512] * 16 + [2, 4, 339, 10]], np.int32)
+    inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens), "images": pixels,
+              "prefix_mask": np.ones_like(tokens)}
+    trained = ops.convert_to_numpy(load_model(vision_dir)(inputs))
+    for export in (vision_dir / "exports" / "safetensors", vision_dir / "exports" / "keras", tmp_path / "exports" / "paligemma-hf"):
+        np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(inputs)), trained, atol=1e-5,
+                                   err_msg=str(export))
