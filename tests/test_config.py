@@ -119,7 +119,7 @@ BROKEN = [
     ("max_length beyond context", lambda d: d["data"].update(max_length=10**6), "r.yaml: data.max_length: expected at most the model's context of 1024 tokens"),
     ("random init without tokenizer", lambda d: d["model"].pop("tokenizer"), "r.yaml: model.tokenizer: a randomly initialised model"),
     ("no preset, architecture or weights", lambda d: d["model"].pop("preset"), "r.yaml: model.preset: expected a model preset (see `gemma-tune list`) or model.architecture for a randomly initialised model, or model.weights"),
-    ("vision preset", lambda d: d["model"].update(preset="paligemma_3b_224"), "r.yaml: model.preset: 'paligemma_3b_224' is a vision-language model"),
+    ("image data for a text model", lambda d: d["data"]["train"].update(format="image_text"), "r.yaml: data.train.format: image_text rows hold images but the model has no vision encoder"),
     ("preference data for sft", lambda d: d["data"]["train"].update(format="preference"), "r.yaml: data.train.format: method sft trains on"),
     ("warmup longer than run", lambda d: d["train"].update(warmup_steps=50), "r.yaml: train.warmup_steps: expected fewer warmup steps than train.max_steps (10), got 50"),
 ]
