@@ -188,6 +188,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _packing(recipe) -> str:
     if recipe.data.train.format == "preference":
         return "off: one pair per row"
+    if recipe.data.train.format == "image_text":
+        return "off: rows with images are never packed"
     return "on" if recipe.data.packing else "off"
 
 
