@@ -265,10 +265,11 @@ def test_a_vision_preset_is_compared_field_by_field(references):
 def transformers_greedy(model, family, ids, pixels, new_tokens):
     """transformers' greedy continuation of one prompt with its images (batch of one)."""
     types = (np.array(ids) == IMAGE) if family == "gemma3" else np.zeros(len(ids), bool)  # PaliGemma: all prefix
+    types = torch.tensor(types[None].astype(np.int64))
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             pixel_values=torch.tensor(pixels), token_type_ids=torch.tensor(types[None].astype(np.int64)),
-                             max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+                             pixel_values=torch.tensor(pixels), token_type_ids=types, max_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
