@@ -9,8 +9,9 @@ has shape [batch_size, max_length]. Unpacked splits are length-bucketed: within 
 `BUCKET_BATCHES` batches of the epoch's order, rows are sorted by length before batching, and the
 batches are then shuffled.
 
-A vision model's split also has `images` (image_batches.ImageRows): each batch then carries `images`
-float32 [batch_size, N, S, S, 3], decoded for that batch's rows only (zeros for padding rows).
+A vision model's split whose rows hold images also has `images` (image_batches.ImageRows): each batch
+then carries `images` float32 [batch_size, N, S, S, 3], decoded for that batch's rows only (zeros for
+padding rows).
 """
 
 from __future__ import annotations

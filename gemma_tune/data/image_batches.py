@@ -1,4 +1,5 @@
-"""The `images` of a vision split's batches, decoded only for the rows of each batch.
+"""The `images` of a vision split's batches, decoded only for the rows of each batch (a split none of whose
+rows holds an image has none: its batches carry no `images`).
 
 A split never holds pixels: `ImageRows` keeps, for each of its rows, the row's index in the loaded data
 (whose image columns are read undecoded: paths, bytes, datasets Image dicts) and the pan-and-scan crops
@@ -6,7 +7,7 @@ of each of its images (tokenised with it, `Tokenise`). `gather(rows, batch_size)
 images (`render.row_images`), decodes and preprocesses them (`images.open_image`, `images.preprocess`
 at the architecture's `image_size` with the family's filter; an image with crops is followed by its
 `images.pan_and_scan` crops) into float32 [batch_size, N, S, S, 3]: N = `slots`, the most images any row
-of the split stands for (at least 1), a row's images first and zeros after them; rows without images
+of the split stands for, a row's images first and zeros after them; rows without images
 and the padding rows of an epoch's last batch are all zeros. What a batch holds depends only on its
 rows, so batches stay deterministic and resumable (batches.py).
 

@@ -271,10 +271,9 @@ def build_split(ds: datasets.Dataset, data, preference: bool, source: _Source, s
         log.warning("%s: %d sequences have no trained token after truncation (max_length=%d, truncation=%s)",
                     where, stats["without_loss"], data.max_length, data.truncation)
     images = None
-    if vision:  # one reference per row: (index in the loaded data, crops of each image); packed rows hold none
+    if vision and with_images:  # one reference per row: (index in the loaded data, crops of each image)
         sources = list(ds["source_row"])
-        refs = [(sources[i], c) for i, c in zip(rows, crops)] if with_images else [(-1, ())] * len(real_per_row)
-        images = source.image_rows(refs)
+        images = source.image_rows([(sources[i], c) for i, c in zip(rows, crops)])
     return Split(arrays, real_per_row, bucketed=not packing, images=images)
 
 
