@@ -80,3 +80,48 @@ def value_and_grads():
         return value, (x.grad, w.grad)
 
     return compute
+
+
+def _tiny_vision_arch(family: str, **overrides):
+    """A tiny vision Architecture: PaliGemma 1 ("gemma"), PaliGemma 2 ("gemma2", with a sliding window shorter
+    than the prefix and soft-caps) or Gemma 3; 28-pixel images, image token 512 (the tiny tokenizer's size)."""
+    from gemma_tune.models.config import Architecture
+
+    fields = dict(family=family, vocab_size=520, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8,
+                  vision=dict(image_size=28, patch_size=7, num_layers=1, hidden_size=16, num_heads=2,
+                              intermediate_size=24, tokens_per_image=16 if family != "gemma3" else 4,
+                              image_token_id=512))
+    if family == "gemma2":
+        fields.update(use_post_attention_norm=True, use_post_ffw_norm=True, sliding_window=6,
+                      sliding_window_pattern=2, attn_logit_softcap=50.0, final_logit_softcap=30.0)
+    if family == "gemma3":
+        fields.update(use_post_attention_norm=True, use_post_ffw_norm=True, use_qk_norm=True, sliding_window=3,
+                      sliding_window_pattern=2)
+    fields.update(overrides)
+    return Architecture(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_arch():
+    """`tiny_vision_arch(family, **overrides)`: a tiny vision model's Architecture (see `_tiny_vision_arch`)."""
+    return _tiny_vision_arch
+
+
+def _edited_copy(path, dst, edit):
+    """A copy of the single-file safetensors checkpoint `path` at `dst`, its tensors changed by `edit(tensors)`."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(path, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def edited_copy():
+    """`edited_copy(path, dst, edit)`: a checkpoint copy with edited tensors (see `_edited_copy`)."""
+    return _edited_copy

@@ -23,23 +23,6 @@ TOKENIZER = "data/tiny/tokenizer.model"
 NEVER = tuple(range(512, 520))  # ids beyond the tiny tokenizer (the image token among them): stop there
 
 
-def tiny_vision_arch(family: str, **overrides) -> Architecture:
-    """As tests/test_vision_model.py: PaliGemma 1 ("gemma"), PaliGemma 2 ("gemma2", here with a sliding window
-    shorter than the prefix and soft-caps) or Gemma 3, 28-pixel images."""
-    fields = dict(family=family, vocab_size=520, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8,
-                  vision=dict(image_size=28, patch_size=7, num_layers=1, hidden_size=16, num_heads=2,
-                              intermediate_size=24, tokens_per_image=16 if family != "gemma3" else 4,
-                              image_token_id=IMAGE))
-    if family == "gemma2":
-        fields.update(use_post_attention_norm=True, use_post_ffw_norm=True, sliding_window=6,
-                      sliding_window_pattern=2, attn_logit_softcap=50.0, final_logit_softcap=30.0)
-    if family == "gemma3":
-        fields.update(use_post_attention_norm=True, use_post_ffw_norm=True, use_qk_norm=True, sliding_window=3,
-                      sliding_window_pattern=2)
-    fields.update(overrides)
-    return Architecture(**fields)
-
 
 def random_model(arch: Architecture):
     model = build_model(arch)
@@ -50,7 +33,7 @@ def random_model(arch: Architecture):
 
 
 @pytest.fixture(scope="module", params=["gemma", "gemma2", "gemma3"])
-def vision_model(request):
+def vision_model(request, tiny_vision_arch):
     return random_model(tiny_vision_arch(request.param))
 
 
@@ -86,7 +69,7 @@ def greedy_by_full_forward(model, prompt, images, steps, width=64, slots=2):
     return seq[len(prompt):]
 
 
-def test_prompt_ids_are_the_processors_layout(tok):
+def test_prompt_ids_are_the_processors_layout(tok, tiny_vision_arch):
     pali = tiny_vision_arch("gemma")
     slots16 = [IMAGE] * 16
     assert prompt_ids(tok, pali, "caption en", 2, chat=False) == slots16 * 2 + [tok.bos_id] + tok.encode("caption en\n")
@@ -128,7 +111,7 @@ def test_cache_decoding_and_left_padding_match_full_recomputation(vision_model, 
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])
-def test_images_as_paths_pil_or_arrays(family, tok, tmp_path):
+def test_images_as_paths_pil_or_arrays(family, tok, tmp_path, tiny_vision_arch):
     model = random_model(tiny_vision_arch(family))
     picture = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 30, 3), dtype=np.uint8))
     picture.save(tmp_path / "p.png")
@@ -139,7 +122,7 @@ def test_images_as_paths_pil_or_arrays(family, tok, tmp_path):
     assert generate(model, tok, ["x"], images=[str(tmp_path / "p.png")], max_new_tokens=3, stop_ids=NEVER) == outs[0]
 
 
-def test_errors_name_the_problem(tok, tmp_path):
+def test_errors_name_the_problem(tok, tmp_path, tiny_vision_arch):
     gemma3 = random_model(tiny_vision_arch("gemma3", num_layers=1))
     text_model = random_model(tiny_vision_arch("gemma3", num_layers=1, vision=None))
     image = pictures(1, 0)
@@ -183,7 +166,7 @@ def run_directory(path, arch: Architecture, tokenizer: str):
     return path
 
 
-def test_cli_generate_with_images(tmp_path, capsys):
+def test_cli_generate_with_images(tmp_path, capsys, tiny_vision_arch):
     from pathlib import Path
 
     tokenizer = str(Path(TOKENIZER).resolve())

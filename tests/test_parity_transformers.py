@@ -148,15 +148,8 @@ def test_multimodal_gemma3_layouts(checkpoints, tmp_path, prefix):
     assert np.abs(our_logits(load_model(tmp_path), ids, mask) - reference_logits(reference, ids, mask)).max() <= TOL
 
 
-def edited_copy(path, dst, edit):
-    shutil.copytree(path, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
-
-def test_broken_checkpoints_name_file_and_tensor(checkpoint, tmp_path):
+def test_broken_checkpoints_name_file_and_tensor(checkpoint, tmp_path, edited_copy):
     _, _, path = checkpoint
     missing = edited_copy(path, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match="missing tensors.*model.layers.1.mlp.up_proj.weight"):

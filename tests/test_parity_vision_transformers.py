@@ -224,15 +224,8 @@ def test_a_text_only_architecture_loads_the_decoder_alone(references, loaded, fa
         np.testing.assert_array_equal(our_logits(text_model, family, inputs), our_logits(vision_model, family, inputs))
 
 
-def edited_copy(path, dst, edit):
-    shutil.copytree(path, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
-
-def test_broken_vision_checkpoints_name_the_tensor(references, tmp_path):
+def test_broken_vision_checkpoints_name_the_tensor(references, tmp_path, edited_copy):
     _, dirs = references["paligemma"]
     path = dirs["hub"]
     fc1 = "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"

@@ -10,23 +10,10 @@ from keras import ops
 from gemma_tune.checkpoints.hf_names import name_map
 from gemma_tune.models import build_model, get_variable
 from gemma_tune.models.attention import attend, attention_mask
-from gemma_tune.models.config import Architecture
 from gemma_tune.models.vision import attention_blocks, merge_images
 
-IMAGE = 512
+IMAGE = 512  # the tiny vision models' image token (conftest.tiny_vision_arch)
 
-
-def tiny_vision_arch(family: str, **overrides) -> Architecture:
-    fields = dict(family=family, vocab_size=520, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8,
-                  vision=dict(image_size=28, patch_size=7, num_layers=1, hidden_size=16, num_heads=2,
-                              intermediate_size=24, tokens_per_image=16 if family != "gemma3" else 4,
-                              image_token_id=IMAGE))
-    if family == "gemma3":
-        fields.update(use_post_attention_norm=True, use_post_ffw_norm=True, use_qk_norm=True, sliding_window=3,
-                      sliding_window_pattern=2)
-    fields.update(overrides)
-    return Architecture(**fields)
 
 
 def reference_mask(segments, blocks, window, window_bounds_blocks):
@@ -88,7 +75,7 @@ def test_cudnn_path_never_drops_a_non_causal_mask():
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
-def test_images_reach_the_text_only_through_image_slots(family):
+def test_images_reach_the_text_only_through_image_slots(family, tiny_vision_arch):
     """Text before an image sees it only inside PaliGemma's prefix (Gemma 3 text is causal); a text-only input on a
     vision model is the text model."""
     arch = tiny_vision_arch(family)
@@ -117,7 +104,7 @@ def test_images_reach_the_text_only_through_image_slots(family):
                                ops.convert_to_numpy(text_model({"token_ids": text})), atol=1e-6)
 
 
-def test_vision_weights_are_paths_of_the_model():
+def test_vision_weights_are_paths_of_the_model(tiny_vision_arch):
     model = build_model(tiny_vision_arch("gemma3"))
     assert tuple(get_variable(model, "vision.encoder.layers.0.attention.q_proj.kernel").shape) == (16, 16)
     assert tuple(get_variable(model, "vision.projector.kernel").shape) == (16, 32)
