@@ -7,7 +7,8 @@
     out_dir/config.json, model.weights.h5, task.json, preprocessor.json, tokenizer.json, metadata.json,
     out_dir/assets/tokenizer/vocabulary.spm
                                  a keras-hub CausalLM preset (`checkpoints.keras_hub.write_keras_hub_preset`):
-                                 keras_hub.models.GemmaCausalLM / Gemma3CausalLM.from_preset(out_dir)
+                                 keras_hub.models.GemmaCausalLM / Gemma3CausalLM.from_preset(out_dir), for
+                                 a vision model PaliGemmaCausalLM / Gemma3CausalLM with its vision encoder
 
 The archived model is rebuilt from the architecture, so no optimizer or compile state travels with it, and
 holds the exported weights: a quantised base dequantised, every LoRA adapter folded into its kernel in
