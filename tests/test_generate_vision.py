@@ -192,3 +192,31 @@ def test_cli_generate_with_images(tmp_path, capsys, tiny_vision_arch):
           says="3 --image for 2 --prompt")
     text = run_directory(tmp_path / "text", tiny_vision_arch("gemma3", num_layers=1, vision=None), tokenizer)
     fails(text, "--image", png, "--prompt", "x", says="no vision encoder")
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3"])
+def test_generation_prompt_is_the_start_of_a_training_row(family, tok, tmp_path, cache, tiny_vision_arch):
+    """The prompt generation builds is what the data pipeline trained on, up to where the answer starts."""
+    import PIL.Image
+
+    from gemma_tune.config.schema import DataSection
+    from gemma_tune.data import prepare
+
+    PIL.Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "red.png")
+    if family == "gemma":
+        row = {"image": "red.png", "prefix": "caption en", "suffix": "a red square"}
+        fmt, prompt, chat = "image_text", "caption en", False
+    else:
+        row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "red.png"},
+                                                          {"type": "text", "text": "What colour is it?"}]},
+                            {"role": "assistant", "content": "red"}]}
+        fmt, prompt, chat = "chat", "What colour is it?", True
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    arch = tiny_vision_arch(family)
+    data = prepare(DataSection(train={"path": str(tmp_path / "rows.jsonl"), "format": fmt}, max_length=96,
+                               packing=False), tok, seed=0, cache_dir=cache, architecture=arch)
+    trained = next(data.train.batches(1, seed=0))["token_ids"][0].tolist()
+    prompt = prompt_ids(tok, arch, prompt, num_images=1, chat=chat)
+    assert trained[:len(prompt)] == prompt
+    answer = tok.encode("a red square" if family == "gemma" else "red")
+    assert trained[len(prompt):len(prompt) + len(answer)] == answer
