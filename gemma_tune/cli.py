@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image file for a vision model (PaliGemma, Gemma 3 4B+); repeat for several (how images "
                         "go with prompts: below)")
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="Gemma 3: add each image's pan-and-scan crops (large or non-square images), as "
+                        "data.pan_and_scan does in training")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -265,7 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         completions = generate(model, tokenizer, args.prompt, images=images, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               chat=False if args.raw else None)
+                               chat=False if args.raw else None, pan_and_scan=args.pan_and_scan)
     except (ImageError, VisionPromptError) as e:
         raise UserError(str(e)) from e
     for b, (prompt, completion) in enumerate(zip(args.prompt, completions)):

@@ -146,7 +146,8 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, images=None, max
 
 def generate(model, tokenizer, prompts: Sequence[str], *, images=None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_ids: Sequence[int] | None = None, chat: bool | None = None) -> list[str]:
+             stop_ids: Sequence[int] | None = None, chat: bool | None = None,
+             pan_and_scan: bool = False) -> list[str]:
     """Completions of `prompts`, each starting with <bos>.
 
     `chat=True` wraps each prompt as a user turn and opens the model turn (Gemma's chat template);
@@ -155,10 +156,15 @@ def generate(model, tokenizer, prompts: Sequence[str], *, images=None, max_new_t
     `images` (vision models): one entry per prompt, a list of its images (paths, PIL images or preprocessed
     arrays [S, S, 3] in [−1, 1]), laid out as `gemma_tune.vision_prompt` describes: PaliGemma's images
     before <bos>, Gemma 3's at the prompt's `<start_of_image>` markers (one per image) or before its text.
+    `pan_and_scan` (Gemma 3): each image also as its pan-and-scan crops, as the processor's do_pan_and_scan
+    and `data.pan_and_scan` lay them out (`vision_prompt.with_pan_and_scan`).
     `stop_ids` default: <end_of_turn> and <eos>; <eos> alone for PaliGemma. Generated ids outside the
     tokenizer's vocabulary (a model's unused rows) are left out of the text."""
     arch = model.architecture
     rows = vision_prompt.images_per_prompt(arch, images, len(prompts))
+    if pan_and_scan and rows:
+        scanned = [vision_prompt.with_pan_and_scan(arch, p, row) for p, row in zip(prompts, rows)]
+        prompts, rows = [p for p, _ in scanned], [row for _, row in scanned]
     if chat is None:
         chat = not arch.prefix_lm
     if stop_ids is None:

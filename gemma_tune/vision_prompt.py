@@ -120,6 +120,49 @@ def prompt_ids(tokenizer, architecture, prompt: str, num_images: int = 0, chat: 
     return ids
 
 
+PAN_AND_SCAN_INTRO = "Here is the original image "
+PAN_AND_SCAN_CROPS = " and here are some crops to help you see better "
+
+
+def with_pan_and_scan(architecture, prompt: str, images: list) -> tuple[str, list]:
+    """(prompt, images) with Gemma 3's pan-and-scan crops, as transformers' Gemma3Processor with
+    do_pan_and_scan (and the training data with `data.pan_and_scan`) writes them: an image whose crops
+    activate (`gemma_tune.data.images.pan_and_scan`, transformers' defaults) becomes
+    "Here is the original image " <image> " and here are some crops to help you see better " <crop> " " <crop> …,
+    its images the original then the crops. A prompt without markers gets its images before its text first.
+    Only for Gemma 3 vision models, and images given as paths, bytes or PIL images (not preprocessed
+    arrays), else a VisionPromptError."""
+    from gemma_tune.data.images import pan_and_scan
+    from gemma_tune.data.layout import PAN_AND_SCAN
+
+    if vision_family(architecture) != "gemma3":
+        raise VisionPromptError("pan-and-scan crops images for Gemma 3 vision models only")
+    if not images:
+        return prompt, images
+    if prompt.count(START_OF_IMAGE) == 0:
+        prompt = START_OF_IMAGE * len(images) + prompt
+    parts = prompt.split(START_OF_IMAGE)
+    if len(parts) - 1 != len(images):
+        raise VisionPromptError(f"the prompt {prompt[:60]!r} has {len(parts) - 1} {START_OF_IMAGE} markers but "
+                                f"{len(images)} images")
+    text, out = parts[0], []
+    for k, (value, after) in enumerate(zip(images, parts[1:])):
+        if isinstance(value, np.ndarray) or not (isinstance(value, (str, bytes, bytearray, dict, PIL.Image.Image))
+                                                 or hasattr(value, "__fspath__")):
+            raise VisionPromptError(f"pan-and-scan needs image {k + 1} as a path, bytes or a PIL image (it crops the "
+                                    "full-size picture), not preprocessed pixels")
+        image = open_image(value, None)
+        crops = pan_and_scan(image, **PAN_AND_SCAN)
+        if crops:
+            text += (PAN_AND_SCAN_INTRO + START_OF_IMAGE + PAN_AND_SCAN_CROPS
+                     + " ".join([START_OF_IMAGE] * len(crops)))
+        else:
+            text += START_OF_IMAGE
+        text += after
+        out += [image, *crops]
+    return text, out
+
+
 def image_array(value, architecture, where: str = "an image") -> np.ndarray:
     """One image as float32 [S, S, 3] in [−1, 1] for `architecture`'s vision encoder (module docstring).
     An image that cannot be read, or an array of another shape or range, is an ImageError."""

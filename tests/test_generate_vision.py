@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from gemma_tune import vision_prompt
 from gemma_tune.cli import main
 from gemma_tune.data.images import ImageError, preprocess
 from gemma_tune.generate import generate, generate_ids
@@ -220,3 +221,36 @@ def test_generation_prompt_is_the_start_of_a_training_row(family, tok, tmp_path,
     assert trained[:len(prompt)] == prompt
     answer = tok.encode("a red square" if family == "gemma" else "red")
     assert trained[len(prompt):len(prompt) + len(answer)] == answer
+
+
+def test_pan_and_scan_prompt_is_the_training_layout(tok, tmp_path, cache, tiny_vision_arch):
+    """With pan-and-scan, a wide image is given with its crops exactly as the training data lays them out."""
+    import PIL.Image
+
+    from gemma_tune.config.schema import DataSection
+    from gemma_tune.data import prepare
+    from gemma_tune.data.images import pan_and_scan
+
+    rng = np.random.default_rng(0)
+    wide = PIL.Image.fromarray(rng.integers(0, 255, (300, 800, 3), dtype=np.uint8))
+    wide.save(tmp_path / "wide.png")
+    assert len(pan_and_scan(wide)) == 3
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "wide.png"},
+                                                      {"type": "text", "text": "Describe it."}]},
+                        {"role": "assistant", "content": "noise"}]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    arch = tiny_vision_arch("gemma3")
+    data = prepare(DataSection(train={"path": str(tmp_path / "rows.jsonl"), "format": "chat"}, max_length=200,
+                               packing=False, pan_and_scan=True), tok, seed=0, cache_dir=cache, architecture=arch)
+    batch = next(data.train.batches(1, seed=0))
+    text, images = vision_prompt.with_pan_and_scan(arch, "Describe it.", [str(tmp_path / "wide.png")])
+    assert len(images) == 4
+    prompt = prompt_ids(tok, arch, text, num_images=len(images), chat=True)
+    assert batch["token_ids"][0].tolist()[:len(prompt)] == prompt
+    np.testing.assert_allclose(vision_prompt.pixel_batch(arch, [images])[0], batch["images"][0], atol=1e-6)
+    model = random_model(arch)
+    out = generate(model, tok, ["Describe it."], images=[[str(tmp_path / "wide.png")]], pan_and_scan=True,
+                   max_new_tokens=3)
+    assert len(out) == 1
+    with pytest.raises(VisionPromptError, match="Gemma 3 vision models only"):
+        vision_prompt.with_pan_and_scan(tiny_vision_arch("gemma"), "caption en", [wide])
