@@ -217,16 +217,16 @@ def check_image_slots(architecture, prompt_ids: Sequence[Sequence[int]], rows: l
 
 
 def prompt_blocks(architecture, tokens: np.ndarray, real: np.ndarray) -> np.ndarray | None:
-    """Attention blocks [B, P] int32 of left-padded prompts `tokens` (`real`: 1 for a real token): PaliGemma's
-    prefix (every real prompt token, block 1), Gemma 3's image runs (1, 2, … per row); None for a model
-    without vision or prompts without images (all causal)."""
+    """Attention blocks [B, P] int32 of left-padded prompts `tokens` (`real`: 1 for a real token), by the
+    model's own rule (`gemma_tune.models.vision.attention_blocks`): PaliGemma's prefix (every real prompt
+    token, block 1), Gemma 3's image runs (1, 2, … per row); None for a model without vision or prompts
+    without images (all causal)."""
+    from keras import ops
+
+    from gemma_tune.models.vision import attention_blocks
+
     vision = architecture.vision
-    if vision is None:
+    if vision is None or not (architecture.prefix_lm or (tokens == vision.image_token_id).any()):
         return None
-    if architecture.prefix_lm:
-        return (real > 0).astype(np.int32)
-    slots = tokens == vision.image_token_id
-    if not slots.any():
-        return None
-    previous = np.pad(slots[:, :-1], ((0, 0), (1, 0)))
-    return (np.cumsum(slots & ~previous, axis=1) * slots).astype(np.int32)
+    blocks = attention_blocks(tokens, vision.image_token_id, real if architecture.prefix_lm else None)
+    return ops.convert_to_numpy(blocks).astype(np.int32)
