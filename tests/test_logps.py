@@ -153,3 +153,28 @@ def test_chunked_gradient_equals_one_chunk(softcap, value_and_grads):
         np.testing.assert_allclose(de, ops.convert_to_numpy(e), atol=1e-6)
     # masked positions get no gradient, counted ones do
     assert np.abs(dh[mask == 0]).max() == 0.0 and np.abs(dh[mask == 1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("softcap,chunk_size,temperature", [(None, 8, 1.0), (None, 5, 0.7), (3.0, 12, 1.3)])
+def test_token_logps_and_entropy_match_numpy(softcap, chunk_size, temperature):
+    from gemma_tune.methods.logps import token_logps
+
+    hidden, embedding, targets, mask = random_inputs(4, 9, 6, 13, seed=3)
+    logits = hidden.astype(np.float64) @ embedding.astype(np.float64).T
+    if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
+    logits = logits / temperature
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    entropy = -(np.exp(log_probs) * log_probs).sum(-1)
+    logp, ent = token_logps(ops.convert_to_tensor(hidden), ops.convert_to_tensor(embedding),
+                            ops.convert_to_tensor(targets), chunk_size=chunk_size, final_logit_softcap=softcap,
+                            temperature=temperature)
+    np.testing.assert_allclose(ops.convert_to_numpy(logp), expected, atol=1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(ent), entropy, atol=1e-5)
+    if temperature == 1.0:  # summed over the mask, they are sequence_logps
+        summed, _ = sequence_logps(ops.convert_to_tensor(hidden), ops.convert_to_tensor(embedding),
+                                   ops.convert_to_tensor(targets), ops.convert_to_tensor(mask), chunk_size=chunk_size,
+                                   final_logit_softcap=softcap)
+        np.testing.assert_allclose((ops.convert_to_numpy(logp) * mask).sum(-1), ops.convert_to_numpy(summed), atol=1e-5)

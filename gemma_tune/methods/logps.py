@@ -64,3 +64,49 @@ def sequence_logps(hidden, embedding, target_ids, loss_mask, *, chunk_size: int 
         part = slice(i * chunk, (i + 1) * chunk)
         logp_sum = logp_sum + step(hidden[:, part], embedding, targets[:, part], mask[:, part])
     return logp_sum, ops.sum(mask, axis=-1)
+
+
+def _chunk_token_logps(hidden, embedding, targets, softcap, temperature):
+    """(log p(target) [B, c], entropy [B, c]) of one chunk at temperature τ: softmax((z) / τ)."""
+    logits = ops.cast(ops.matmul(hidden, ops.transpose(embedding)), "float32")
+    if softcap is not None:
+        logits = softcap * ops.tanh(logits / softcap)
+    logits = logits / temperature
+    log_norm = ops.logsumexp(logits, axis=-1, keepdims=True)
+    log_probs = logits - log_norm
+    target_logp = ops.squeeze(ops.take_along_axis(log_probs, ops.expand_dims(targets, -1), axis=-1), -1)
+    entropy = -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
+    return target_logp, entropy
+
+
+def token_logps(hidden, embedding, target_ids, *, chunk_size: int = 1024, final_logit_softcap: float | None = None,
+                temperature: float = 1.0, remat: bool = True):
+    """Per-token log-probabilities of the targets and the entropy of the policy at temperature τ, in chunks
+    -> (logp [B, T], entropy [B, T]) float32:
+
+        log p_bt = log softmax(z_bt / τ)[y_bt],   H_bt = −Σ_v p_btv log p_btv     (z soft-capped as above)
+
+    what online RL's ratio, KL and `entropy` metric are made of (TRL divides the logits by the sampling
+    temperature). Chunking and rematerialisation as `sequence_logps`: never [B, T, V] logits at once.
+    """
+    if any(d is None for d in hidden.shape):
+        raise ValueError(f"token_logps needs static shapes to plan its chunks, got hidden states {hidden.shape}")
+    batch, length, _ = hidden.shape
+    targets = ops.cast(target_ids, "int32")
+    embedding = ops.cast(embedding, hidden.dtype)
+    chunk = min(max(1, chunk_size // batch), length)
+    chunks = math.ceil(length / chunk)
+    if chunks * chunk != length:
+        pad = chunks * chunk - length
+        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = ops.pad(targets, ((0, 0), (0, pad)))
+
+    def logps(h, e, t):
+        return _chunk_token_logps(h, e, t, final_logit_softcap, temperature)
+
+    step = keras.remat(logps) if remat and chunks > 1 else logps
+    parts = [step(hidden[:, i * chunk:(i + 1) * chunk], embedding, targets[:, i * chunk:(i + 1) * chunk])
+             for i in range(chunks)]
+    logp = ops.concatenate([p[0] for p in parts], axis=1)[:, :length]
+    entropy = ops.concatenate([p[1] for p in parts], axis=1)[:, :length]
+    return logp, entropy
