@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gemma_tune.methods import METHODS
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-DATA_FORMATS = ("text", "prompt_completion", "chat", "preference", "image_text")
+DATA_FORMATS = ("text", "prompt_completion", "chat", "preference", "image_text", "prompt")
 
 
 class Section(BaseModel):
@@ -66,11 +66,13 @@ class DataSource(Section):
                                   "one kind, none leading outside it; a relative path is looked up in the working "
                                   "directory, the recipe's, then the project's) or a hub dataset (hf://ORG/NAME or "
                                   "ORG/NAME)")
-    format: str = Field(description="text | prompt_completion | chat | preference | image_text: the columns each "
-                                    "row holds (text; prompt, completion; messages, whose contents may be lists of "
-                                    "{type: text, text} / {type: image, image} parts for vision models; prompt, "
-                                    "chosen, rejected; image (a path relative to the data file's directory, bytes, "
-                                    "or a list of them), prefix, suffix: vision models only)")
+    format: str = Field(description="text | prompt_completion | chat | preference | image_text | prompt: the "
+                                    "columns each row holds (text; prompt, completion; messages, whose contents may "
+                                    "be lists of {type: text, text} / {type: image, image} parts for vision models; "
+                                    "prompt, chosen, rejected; image (a path relative to the data file's directory, "
+                                    "bytes, or a list of them), prefix, suffix: vision models only; prompt (a string "
+                                    "or messages) alone, for grpo/rloo, whose other columns such as answer go to the "
+                                    "reward functions)")
     split: str | None = Field(default=None, description="dataset split to read (hub datasets); null = 'train'")
     subset: str | None = Field(default=None,
                                description="dataset configuration name (hub datasets); null = the default one")
@@ -80,6 +82,10 @@ class DataSource(Section):
     prefix: str | None = Field(
         default=None, description="image_text only: the prefix of every row (e.g. 'caption en' for a captioning "
         "dataset without a prefix column; the data's prefix column is then not read); null = each row's prefix")
+    system: str | None = Field(
+        default=None, description="prompt data (grpo/rloo) only: a system message put before every prompt (Gemma's "
+        "template writes it at the start of the first user turn), e.g. the answer layout the rewards expect; null = "
+        "none (a prompt's own system message is kept either way)")
     template: Literal["chat", "none"] = Field(
         default="chat", description="prompt_completion, and image_text on Gemma 3: chat = render as a user/model "
         "turn pair with Gemma's chat template (the images, then the prefix, in the user turn); none = bos + prompt "
@@ -128,7 +134,8 @@ class TrainSection(Section):
     epochs: float | None = Field(default=None, gt=0, description="passes over the training rows (fractions allowed), "
                                                                  "used when max_steps is null; null = 1")
     batch_size: int = Field(default=8, gt=0, description="rows of max_length tokens per micro-batch (preference "
-                                                         "methods: pairs)")
+                                                         "methods: pairs; grpo/rloo: prompts, each completed "
+                                                         "rl.num_generations times)")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches whose gradients are averaged per "
                                                          "optimisation step (effective batch = batch_size × "
                                                          "grad_accum)")
@@ -202,6 +209,59 @@ class RewardSection(Section):
         "its suggestion); default 0 = none")
 
 
+class RewardItem(Section):
+    """One reward function of `rl.rewards` (gemma_tune.rewards)."""
+
+    name: str | None = Field(default=None, description="a built-in reward (answer_match, format, length_penalty) or "
+                             "a Python function as package.module:function, called as f(prompts, completions, "
+                             "**columns) -> one float (or None: not applicable) per completion; null with `model`")
+    model: str | None = Field(default=None, description="a reward model instead of a function: a method: reward run "
+                              "or export, or any sequence classifier `gemma-tune score` reads; null with `name`")
+    weight: float = Field(default=1.0, description="the function's weight in the summed reward")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword options of the function (answer_match: "
+                                 "column; format: pattern; length_penalty: max_length, buffer); {} = its defaults")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardItem":
+        if (self.name is None) == (self.model is None):
+            raise ValueError("a reward is either `name` (a built-in or package.module:function) or `model` (a "
+                             "reward model), exactly one of them")
+        return self
+
+
+class RLSection(Section):
+    """Options of the online RL methods (grpo, rloo); null means the method's default (gemma_tune.methods)."""
+
+    num_generations: int | None = Field(default=None, ge=2, description="completions G sampled per prompt, the "
+                                        "group their advantages compare within; default 8")
+    max_completion_length: int | None = Field(default=None, gt=0, description="new tokens per completion at most "
+                                              "(a completion that reaches it unfinished is `clipped`); default 256")
+    temperature: float | None = Field(default=None, gt=0, description="sampling temperature τ; the policy's "
+                                      "log-probabilities are those of softmax(logits / τ), as TRL; default 1.0")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus sampling: the smallest set of tokens "
+                                "whose probability reaches top_p; default 1.0 = all")
+    top_k: int | None = Field(default=None, gt=0, description="sample among the k most likely tokens; null = all")
+    beta: float | None = Field(default=None, ge=0, description="weight of the per-token KL to the reference "
+                               "(k3 estimator; with LoRA the reference is the model with its adapters off); "
+                               "default 0.0 = no reference, as TRL")
+    epsilon: float | None = Field(default=None, gt=0, description="clipping ε of the ratio, the lower bound 1 − ε; "
+                                  "default 0.2")
+    epsilon_high: float | None = Field(default=None, gt=0, description="upper clipping bound 1 + ε_high (DAPO's "
+                                       "clip-higher); null = epsilon")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] | None = Field(
+        default=None, description="how per-token losses are averaged: grpo = over each completion's tokens, then "
+        "over completions; dr_grpo = summed over tokens / (completions × max_completion_length); dapo = over all "
+        "completion tokens of the optimisation step; default dapo, as TRL")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        default=None, description="grpo: divide advantages by the reward std of the group, of the whole step's "
+        "batch, or not at all (Dr. GRPO); default group")
+    num_iterations: int | None = Field(default=None, gt=0, description="optimisation steps μ on each batch of "
+                                       "completions before sampling again (the ratio is 1 when μ = 1); default 1")
+    rewards: list[RewardItem | str] | None = Field(
+        default=None, description="reward functions, summed with their weights: a built-in name or "
+        "package.module:function as a string, or {name | model, weight, args}; at least one (required)")
+
+
 class ExportSection(Section):
     formats: list[Literal["keras", "safetensors", "peft"]] = Field(
         default_factory=list, description="written into the run's exports/<format>/ after training: keras "
@@ -237,4 +297,6 @@ class Recipe(Section):
                                                  "(dpo, ipo, simpo, orpo); only with one of them")
     reward: RewardSection | None = Field(default=None, description="options of the reward method (a reward model "
                                          "scoring sequences); only with method: reward")
+    rl: RLSection | None = Field(default=None, description="options of the online RL methods (grpo, rloo): "
+                                 "sampling, rewards, advantages and the clipped loss; only with one of them")
     export: ExportSection = Field(default_factory=ExportSection, description="what is exported after training")

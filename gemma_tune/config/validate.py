@@ -20,8 +20,7 @@ from gemma_tune.methods import METHODS, method_options
 from gemma_tune.models.config import Architecture
 
 Problem = tuple[tuple[str, ...], str]
-OPTION_SECTIONS = ("preference", "reward")  # recipe sections that hold a method's options (MethodSpec.section)
-PLANNED_METHODS = {"grpo": "it arrives with online RL", "rloo": "it arrives with online RL"}
+OPTION_SECTIONS = ("preference", "reward", "rl")  # recipe sections that hold a method's options (MethodSpec.section)
 
 
 def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = (),
@@ -112,12 +111,8 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
     spec = METHODS.get(recipe.method)
     if spec is None:
         known = ", ".join(METHODS)
-        if recipe.method in PLANNED_METHODS:
-            add("method", f"method '{recipe.method}' is not available yet (available: {known}); "
-                          f"{PLANNED_METHODS[recipe.method]}")
-        else:
-            add("method", f"unknown method '{recipe.method}'{_suggest(recipe.method, list(METHODS))}; "
-                          f"expected one of: {known}")
+        add("method", f"unknown method '{recipe.method}'{_suggest(recipe.method, list(METHODS))}; "
+                      f"expected one of: {known}")
     problems += _check_method_options(recipe, spec)
 
     for key in ("weights", "tokenizer"):
@@ -141,6 +136,9 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
                                         f"{', '.join(schema.DATA_FORMATS)}")
         elif source.prefix is not None and source.format != "image_text":
             add(f"data.{split}.prefix", f"a fixed prefix is for image_text data, not {source.format}")
+        elif source.system is not None and source.format != "prompt":
+            add(f"data.{split}.system", f"a system message for every row is for prompt data (grpo/rloo), not "
+                                        f"{source.format} (chat rows carry their own system messages)")
         elif spec is not None and source.format not in spec.formats:
             add(f"data.{split}.format", f"method {spec.name} trains on {' or '.join(spec.formats)} data, "
                                         f"not {source.format}")

@@ -39,6 +39,7 @@ from gemma_tune.data.image_batches import ImageRows
 from gemma_tune.data.layout import END_OF_IMAGE, START_OF_IMAGE, VisionLayout
 from gemma_tune.data.load import carve_eval, image_base_dir, load_source
 from gemma_tune.data.pack import best_fit_decreasing, build_rows, truncate_pair, truncation_window
+from gemma_tune.data.prompts import PromptSplit, build_prompt_split
 from gemma_tune.data.render import Tokenise
 from gemma_tune.errors import DataError
 
@@ -46,7 +47,8 @@ log = logging.getLogger("gemma_tune.data")
 
 # a preference row's prompt may be implicit in chosen and rejected (render.preference_turns)
 REQUIRED_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
-                    "preference": ["chosen", "rejected"], "image_text": ["image", "prefix", "suffix"]}
+                    "preference": ["chosen", "rejected"], "image_text": ["image", "prefix", "suffix"],
+                    "prompt": ["prompt"]}
 RENDER_VERSION = "4"  # bump when rendering changes, so cached tokenisations are not reused
 PARALLEL_ROWS = 1000
 
@@ -64,8 +66,8 @@ class PreparedData:
     pair) longer than max_length.
     """
 
-    train: Split
-    eval: Split | None
+    train: Split | PromptSplit
+    eval: Split | PromptSplit | None
     stats: dict = field(default_factory=dict)
 
 
@@ -113,13 +115,14 @@ def tokenise(ds: datasets.Dataset, source, data, tokenizer, layout: VisionLayout
     if len(ds) == 0:
         raise DataError("the dataset has no rows", where=source.path)
     fn = Tokenise(str(tokenizer.model_path.resolve()), source.format, source.template, data.loss_on, layout,
-                  source.prefix)
+                  source.prefix, source.system)
     num_proc = data.num_proc or (min(os.cpu_count() or 1, 4) if len(ds) > PARALLEL_ROWS else 1)
     settings = {"format": source.format, "template": source.template, "loss_on": data.loss_on,
-                "vision": dataclasses.asdict(layout) if layout is not None else None, "prefix": source.prefix}
-    options = {}
+                "vision": dataclasses.asdict(layout) if layout is not None else None, "prefix": source.prefix,
+                "system": source.system}
+    options = {"with_indices": True} if fn.keeps_source_row else {}
     if fn.holds_images:
-        options = {"with_indices": True, "features": fn.features()}
+        options["features"] = fn.features()
         if _may_hold_images(ds, source.format):  # tokens and errors depend on the image files: never cached
             options.update(keep_in_memory=True, load_from_cache_file=False)
     return ds.map(fn, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1 else None,
@@ -303,8 +306,11 @@ def prepare(data, tokenizer, seed: int, cache_dir: str | None = None, architectu
     rendered for the model's `architecture` (`gemma_tune.models.config.Architecture`; None = a text model:
     its `vision` decides whether rows may hold images, and their layout)."""
     preference = data.train.format == "preference"
+    prompts = data.train.format == "prompt"
     if data.eval is not None and (data.eval.format == "preference") != preference:
         raise DataError("train and eval must both be preference data or both not", where="data.eval.format")
+    if data.eval is not None and (data.eval.format == "prompt") != prompts:
+        raise DataError("train and eval must both be prompts (online RL) or both not", where="data.eval.format")
     train, invalid, source = _tokenised_source(data.train, data, tokenizer, cache_dir, architecture)
     parts = {"train": (train, source, invalid)}
     if data.eval is not None:
@@ -318,9 +324,13 @@ def prepare(data, tokenizer, seed: int, cache_dir: str | None = None, architectu
         if len(ds) == 0:
             raise DataError("no valid rows left after skipping invalid ones", where=origin.where)
         stats[name] = {"rows": len(ds), "invalid": invalid}
-        splits[name] = build_split(ds, data, preference, origin, stats[name], name)
+        if prompts:
+            splits[name] = build_prompt_split(ds, origin.rows, data, stats[name], origin.where)
+        else:
+            splits[name] = build_split(ds, data, preference, origin, stats[name], name)
     for name, s in stats.items():
-        pairs = f", {s['prompt_too_long']} prompt too long, {s['identical']} identical" if preference else ""
+        pairs = f", {s['prompt_too_long']} prompt too long, {s['identical']} identical" if preference else \
+            f", {s['prompt_too_long']} prompts over max_length" if prompts else ""
         cut = f", {s['images_cut']} cutting an image" if s["images_cut"] else ""
         log.info("data %s: %d rows (%d invalid skipped, %d truncated, %d dropped%s%s) -> %d sequences in %d rows "
                  "of %d, %d tokens (%d trained), packing efficiency %.1f%%", name, s["rows"], s["invalid"],

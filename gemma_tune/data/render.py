@@ -18,7 +18,8 @@ Each piece is tokenised on its own so labels are exact. `label = 1` marks a toke
 Formats: text = bos + text + eos (all trained: there is no prompt); prompt_completion with
 `template: chat` = one user/model turn pair, with `template: none` = bos + prompt (not trained) +
 completion + eos (trained); preference = the prompt followed by `chosen` / `rejected`, each its own
-sequence (layouts in `preference_turns`).
+sequence (layouts in `preference_turns`); prompt (online RL) = the prompt turns and the opened model turn
+`<start_of_turn>model\n` the policy completes (nothing trained; `template: none`: bos + the prompt text).
 
 Preference sequences are labelled as `loss_on: completion` whatever `loss_on` says: a preference
 log-probability (DPO, IPO, SimPO, ORPO, reward models) is over the response tokens only, never the prompt's.
@@ -172,6 +173,25 @@ def chat_pieces(messages: list[tuple], bos_id: int, first_trained_turn: int = 0)
     return pieces
 
 
+def generation_prompt_pieces(value, bos_id: int, template: str, system: str | None = None) -> list[Piece]:
+    """Pieces of an online-RL prompt (`prompt`: a string, one user turn, or messages ending with a user
+    turn; `system`: a system message put first unless the messages open with their own): the chat-templated
+    turns followed by the opened model turn `<start_of_turn>model\n`, as transformers'
+    `add_generation_prompt`; with `template: none` (a string only) bos + the raw text."""
+    if template == "none":
+        if not isinstance(value, str):
+            raise RowError("template: none takes a string prompt; messages are rendered with the chat template")
+        return [(None, bos_id, False), (value, None, False)]
+    messages = [("user", _string(value, "prompt"))] if isinstance(value, str) or value is None \
+        else _messages(value, "prompt", images=False)
+    if system is not None and messages[0][0] != "system":
+        messages = [("system", system)] + messages
+    if ROLES.get(messages[-1][0]) != "user":
+        raise RowError("the prompt's messages must end with a user turn: the model completes the next turn")
+    pieces = chat_pieces(messages + [("model", "-")], bos_id)
+    return pieces[:-2]  # the placeholder turn's content and newline: what is left opens the model turn
+
+
 def _key(turn: tuple) -> tuple[str, str]:
     """What a turn renders as: its role (assistant = model) and content (stripped, but a system message's)."""
     role, content = turn
@@ -285,11 +305,12 @@ def row_images(row: dict, fmt: str) -> list:
 
 
 def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int, family: str | None = None,
-               prefix: str | None = None) -> dict[str, list[Piece]]:
+               prefix: str | None = None, system: str | None = None) -> dict[str, list[Piece]]:
     """{sequence name: pieces}: {"": …} for sft formats, {"chosen": …, "rejected": …} for preference.
 
     `family`: the vision layout of the model ("paligemma" | "gemma3"), None for a model without a vision
-    encoder (then a row with images is a RowError); `prefix`: image_text rows' fixed prefix (None: their own)."""
+    encoder (then a row with images is a RowError); `prefix`: image_text rows' fixed prefix (None: their own);
+    `system`: prompt rows' system message (None: none)."""
     if fmt == "text":
         return {"": [(None, bos_id, True), (_string(row.get("text"), "text"), None, True),
                      (None, eos_id, True)]}
@@ -309,6 +330,8 @@ def row_pieces(row: dict, fmt: str, template: str, bos_id: int, eos_id: int, fam
         return {"": pieces}
     if fmt == "image_text":
         return {"": image_text_pieces(row, template, bos_id, eos_id, family, prefix)}
+    if fmt == "prompt":
+        return {"": generation_prompt_pieces(row.get("prompt"), bos_id, template, system)}
     if fmt == "preference":
         prompt, responses = preference_turns(row)
         n_prompt = len(prompt) - (1 if prompt and prompt[0][0] == "system" else 0)
@@ -339,6 +362,7 @@ class Tokenise:
     loss_on: str
     vision: VisionLayout | None = None
     prefix: str | None = None  # image_text: every row's prefix (DataSource.prefix); None = the row's own
+    system: str | None = None  # prompt: every prompt's system message (DataSource.system); None = none
 
     def _tokenizer(self):
         if getattr(self, "_tok", None) is None:
@@ -352,6 +376,12 @@ class Tokenise:
     @property
     def holds_images(self) -> bool:
         return self.vision is not None and self.fmt != "preference"
+
+    @property
+    def keeps_source_row(self) -> bool:
+        """Whether each output row names its input row (`source_row`): rows with images (read per batch) and
+        online-RL prompts (whose other columns go to the reward functions)."""
+        return self.holds_images or self.fmt == "prompt"
 
     @property
     def prefix_lm(self) -> bool:
@@ -371,12 +401,13 @@ class Tokenise:
     def __call__(self, row: dict, index: int | None = None) -> dict:
         tok = self._tokenizer()
         out: dict = {f"{p}{k}": [] for p in self.names() for k in ("input_ids", "labels")}
+        if self.keeps_source_row:
+            out["source_row"] = -1 if index is None else index
         if self.holds_images:
-            out.update(image_crops=[], source_row=-1 if index is None else index,
-                       **({"prefix_mask": []} if self.prefix_lm else {}))
+            out.update(image_crops=[], **({"prefix_mask": []} if self.prefix_lm else {}))
         try:
             sequences = row_pieces(row, self.fmt, self.template, tok.bos_id, tok.eos_id,
-                                   self.vision.family if self.vision else None, self.prefix)
+                                   self.vision.family if self.vision else None, self.prefix, self.system)
             if self.holds_images and any(isinstance(p[0], ImageRef) for p in sequences[""]):
                 sequences[""], out["image_crops"] = place_images(sequences[""], self.vision)
         except (RowError, ImageError) as e:
