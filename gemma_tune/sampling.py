@@ -1,0 +1,244 @@
+"""On-device sampling with a KV cache: one compiled loop (prefill, then a while loop over the new tokens).
+
+    sample(model, prompt_ids, max_new_tokens=N, temperature=τ, top_k, top_p, seed, stop_ids, pad_id, images)
+        -> Samples(tokens [B, N], logps [B, N], lengths [B], stopped [B])
+
+Layout. Prompts of different lengths L_b are left-padded to the longest, P tokens; the cache holds P + N
+slots. Row b's positions count its real tokens only (0 … L_b − 1 for the prompt, then L_b, L_b + 1, …) and
+its padding slots are masked out as keys (`key_segments` 0), so a padded row decodes exactly as it would
+alone. The prefill is one `call_with_cache` over the P prompt slots — a vision model's with the images
+[B, N_img, S, S, 3] (a row with fewer images padded with zeros, which no slot reads) and the attention blocks
+of the cache slots (`vision_prompt.prompt_blocks`; padding and generated slots 0, causal); step i ≥ 1 feeds
+token i − 1 at slot P + i − 1 (position L_b + i − 1) with neither (the cache holds the images' keys and
+values, and a generated token attends causally).
+
+Sampling of token i of row b from the logits z (float32, the model's soft-capped logits):
+    greedy (τ == 0): argmax z
+    else: z / τ; keep the top_k largest; keep the smallest set of tokens whose probability sums to ≥ top_p
+    (always the most likely one); sample from the renormalised softmax, by inverse CDF with the uniform
+    u[i, b] ∈ (0, 1]: the first candidate c whose cumulative weight W_c ≥ u · W_total — candidates in
+    `ops.top_k` order (the k largest, or the whole vocabulary sorted when only top_p is set), else the
+    vocabulary in index order. A zero-probability candidate is never chosen (W_c = W_{c−1} < u · W_total).
+The uniforms are drawn on the host up front, u = 1 − np.random.default_rng(seed).random((N, B)), so the same
+seed gives the same tokens on every backend when the logits agree.
+
+    logps[b, i] = log softmax(z / τ)[token]   over the full vocabulary (τ = 1 when greedy), not truncated
+                                              by top-k / top-p: the policy a training forward pass at the
+                                              sampling temperature computes (TRL's convention)
+
+A row ends at its first stop id, which is kept (tokens, lengths); its later slots hold `pad_id` with logp
+0. The loop ends when every row has stopped, or after N tokens.
+
+Compilation: JAX jits the whole function over the variables' current values (`keras.StatelessScope`;
+the values are read at each call, so a changed weight changes the samples); TensorFlow runs it as a
+`tf.function` (the while loop becomes `tf.while_loop`); PyTorch eagerly under `torch.no_grad()` (the loop
+is a Python loop). The compiled functions are kept on the model per (temperature, top_k, top_p) while its
+variables stay the same: repeated calls with the same shapes compile nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_tune import vision_prompt
+
+
+@dataclass
+class Samples:
+    """What `sample` returns (N = max_new_tokens):
+
+    tokens  int32 [B, N]   the sampled ids; after a row's stop id (which is included) or past its end: pad_id
+    logps   float32 [B, N] log softmax(z / τ)[token] over the full vocabulary (τ = 1 when greedy); 0 after the end
+    lengths int32 [B]      tokens produced, the stop id included
+    stopped bool [B]       whether the row ended with a stop id (False: cut at max_new_tokens)
+    """
+
+    tokens: np.ndarray
+    logps: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+
+
+def next_tokens(logits, uniforms, temperature: float, top_k: int | None = None, top_p: float | None = None):
+    """(tokens int32 [B], logps float32 [B]) for logits [B, V] and uniforms [B] in (0, 1], by the rule of
+    the module docstring; keras.ops (runs eagerly or inside the compiled loop)."""
+    from keras import ops
+
+    z = ops.cast(logits, "float32")
+    vocab = z.shape[-1]
+    if temperature == 0:
+        tokens = ops.cast(ops.argmax(z, axis=-1), "int32")
+        scaled = z
+    else:
+        scaled = z / temperature
+        top_k = top_k if top_k is not None and top_k < vocab else None
+        top_p = top_p if top_p is not None and top_p < 1.0 else None
+        candidates, ids = scaled, None
+        if top_k is not None or top_p is not None:
+            candidates, ids = ops.top_k(scaled, top_k or vocab)  # sorted, largest first
+        weights = ops.exp(candidates - ops.max(candidates, axis=-1, keepdims=True))
+        if top_p is not None:  # keep a token while the mass of strictly more likely ones is below top_p
+            before = ops.cumsum(weights, axis=-1) - weights
+            weights = ops.where(before < top_p * ops.sum(weights, axis=-1, keepdims=True), weights, 0.0)
+        cumulative = ops.cumsum(weights, axis=-1)
+        threshold = ops.cast(uniforms, "float32")[:, None] * cumulative[:, -1:]
+        chosen = ops.sum(ops.cast(cumulative < threshold, "int32"), axis=-1)
+        chosen = ops.minimum(chosen, ops.shape(weights)[-1] - 1)  # rounding can leave u · W_total above W_last
+        tokens = chosen if ids is None else ops.take_along_axis(ops.cast(ids, "int32"), chosen[:, None], axis=-1)[:, 0]
+    logps = ops.take_along_axis(ops.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logps
+
+
+def _decode(model, temperature, top_k, top_p, tokens, positions, key_segments, prompt_lengths, uniforms, is_stop,
+            pad_id, pixels, key_blocks):
+    """The prefill and the decoding loop (module docstring), in keras.ops: (tokens, logps, lengths, stopped).
+    `is_stop` bool [vocab]: which ids are stop ids (one shape for any stop ids: nothing recompiles)."""
+    from keras import ops
+
+    tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id = (
+        ops.convert_to_tensor(x) for x in (tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id))
+    batch, prompt_len = tokens.shape
+    steps = uniforms.shape[0]
+    columns = ops.arange(steps, dtype="int32")[None, :]
+
+    def record(i, z, out_tokens, out_logps, lengths, done):
+        """Token i of every row from logits z [B, V], written at column i; rows already done get pad_id."""
+        token, logp = next_tokens(z, ops.take(uniforms, i, axis=0), temperature, top_k, top_p)
+        token = ops.where(done, pad_id, token)
+        logp = ops.where(done, 0.0, logp)
+        here = ops.equal(columns, i)
+        out_tokens = ops.where(here, token[:, None], out_tokens)
+        out_logps = ops.where(here, logp[:, None], out_logps)
+        lengths = lengths + ops.cast(ops.logical_not(done), "int32")
+        stop = ops.take(is_stop, token, axis=0)
+        return token, out_tokens, out_logps, lengths, ops.logical_or(done, stop)
+
+    cache = model.init_cache(batch, prompt_len + steps)
+    logits, cache = model.call_with_cache(tokens, positions, key_segments, cache, 0, pixels, key_blocks)
+    out_tokens = ops.zeros((batch, steps), "int32") + pad_id
+    out_logps = ops.zeros((batch, steps), "float32")
+    lengths = ops.zeros((batch,), "int32")
+    done = ops.zeros((batch,), "bool")
+    last, out_tokens, out_logps, lengths, done = record(0, logits[:, -1, :], out_tokens, out_logps, lengths, done)
+
+    def cond(i, last, cache, out_tokens, out_logps, lengths, done):
+        return ops.logical_and(ops.less(i, steps), ops.logical_not(ops.all(done)))
+
+    def body(i, last, cache, out_tokens, out_logps, lengths, done):
+        logits, cache = model.call_with_cache(last[:, None], (prompt_lengths + i - 1)[:, None], key_segments, cache,
+                                              prompt_len + i - 1)
+        last, out_tokens, out_logps, lengths, done = record(i, logits[:, -1, :], out_tokens, out_logps, lengths, done)
+        return i + 1, last, cache, out_tokens, out_logps, lengths, done
+
+    state = (ops.convert_to_tensor(1, "int32"), last, cache, out_tokens, out_logps, lengths, done)
+    _, _, _, out_tokens, out_logps, lengths, done = ops.while_loop(cond, body, state)
+    return out_tokens, out_logps, lengths, done
+
+
+class _Compiled:
+    """The compiled decoding functions of one model, by (temperature, top_k, top_p), valid while the model's
+    variables are the same objects (a plain object, so that Keras does not track it)."""
+
+    def __init__(self, key):
+        self.key, self.functions = key, {}
+
+
+def _compiled(model, temperature: float, top_k: int | None, top_p: float | None):
+    """`_decode` for these settings as the backend runs it best (module docstring), cached on the model."""
+    import functools
+
+    import keras
+
+    variables = list(model.variables)
+    key = tuple(id(v) for v in variables)
+    holder = model.__dict__.get("_gemma_tune_sampler")
+    if holder is None or holder.key != key:
+        holder = _Compiled(key)
+        object.__setattr__(model, "_gemma_tune_sampler", holder)
+    settings = (temperature, top_k, top_p)
+    if settings in holder.functions:
+        return holder.functions[settings]
+    decode = functools.partial(_decode, model, *settings)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def stateless(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return decode(*args)
+
+        jitted = jax.jit(stateless)
+
+        def function(*args):
+            return jitted([v.value for v in variables], *args)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        function = tf.function(decode)
+    else:
+        import torch
+
+        def function(*args):
+            with torch.no_grad():
+                return decode(*args)
+    holder.functions[settings] = function
+    return function
+
+
+def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, seed=0, stop_ids: Sequence[int] = (),
+           pad_id: int = 0, images=None) -> Samples:
+    """`max_new_tokens` (N) new tokens after each prompt (token ids, bos included if wanted), sampled on the
+    device in one compiled loop, with their log-probabilities (module docstring for the rule and `Samples`).
+
+    `seed`: anything `np.random.default_rng` accepts (an int, or a list such as [run_seed, round]).
+    `images` (vision models): None, or one entry per prompt — a list of its images (paths, PIL images or
+    preprocessed arrays [S, S, 3] in [−1, 1]; `vision_prompt.image_array`), an array [N, S, S, 3], or one
+    image. A prompt holds `tokens_per_image` slots of `image_token_id` per image, laid out as
+    `vision_prompt.prompt_ids` does (else a VisionPromptError); images for a model without a vision encoder
+    are a VisionPromptError, an image that cannot be read an ImageError naming it. An empty prompt,
+    max_new_tokens < 1, temperature < 0, top_k < 1 or top_p outside (0, 1] is a ValueError."""
+    from keras import ops
+
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    arch = model.architecture
+    rows = vision_prompt.images_per_prompt(arch, images, len(prompt_ids))
+    vision_prompt.check_image_slots(arch, prompt_ids, rows)
+    batch = len(prompt_ids)
+    lengths = np.array([len(p) for p in prompt_ids], np.int32)
+    prompt_len = int(lengths.max())
+    total = prompt_len + max_new_tokens
+    tokens = np.full((batch, prompt_len), pad_id, np.int32)
+    key_segments = np.ones((batch, total), np.int32)
+    for b, ids in enumerate(prompt_ids):
+        tokens[b, prompt_len - len(ids):] = ids
+        key_segments[b, :prompt_len - len(ids)] = 0
+    positions = np.maximum(np.cumsum(key_segments[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
+    pixels = vision_prompt.pixel_batch(arch, rows)
+    blocks = vision_prompt.prompt_blocks(arch, tokens, key_segments[:, :prompt_len])
+    key_blocks = None
+    if blocks is not None:  # the generated slots are causal (block 0)
+        key_blocks = np.zeros((batch, total), np.int32)
+        key_blocks[:, :prompt_len] = blocks
+    uniforms = (1.0 - np.random.default_rng(seed).random((max_new_tokens, batch))).astype(np.float32)
+    greedy = temperature == 0
+    function = _compiled(model, 0.0 if greedy else float(temperature), None if greedy else top_k,
+                         None if greedy else top_p)
+    is_stop = np.zeros(arch.vocab_size, bool)
+    is_stop[[int(s) for s in stop_ids if 0 <= int(s) < arch.vocab_size]] = True  # others are never sampled
+    out = function(tokens, positions, key_segments, lengths, uniforms, is_stop, np.int32(pad_id), pixels, key_blocks)
+    out_tokens, out_logps, out_lengths, stopped = (ops.convert_to_numpy(x) for x in out)
+    return Samples(tokens=out_tokens.astype(np.int32), logps=out_logps.astype(np.float32),
+                   lengths=out_lengths.astype(np.int32), stopped=stopped.astype(bool))
