@@ -1,4 +1,5 @@
-"""KV-cache generation: batching, sampling rules on hand numbers, stop ids, the CLI."""
+"""KV-cache generation: batching, seeds, stop ids, the chat template, the CLI (the sampling rule itself:
+tests/test_sampling.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from gemma_tune.cli import main
 from gemma_tune.config.presets import preset_architecture
-from gemma_tune.generate import generate, generate_ids, next_token
+from gemma_tune.generate import generate, generate_ids
 from gemma_tune.models import build_model
 from gemma_tune.tokenizer import load_tokenizer
 
@@ -40,20 +41,6 @@ def test_batched_prompts_of_different_lengths_decode_as_alone(model):
     prompts = [[2] + list(range(20, 33)), [2, 7, 8]]  # 14 + 6 tokens > the sliding window of 8
     out = generate_ids(model, prompts, max_new_tokens=6)
     assert out == [greedy_by_full_forward(model, p, 6) for p in prompts]
-
-
-def test_next_token_rules_on_hand_numbers():
-    rng = np.random.default_rng(0)
-    logits = np.log(np.array([[0.1, 0.5, 0.15, 0.25]]))
-    assert next_token(logits, rng, 0.0, None, None).tolist() == [1]
-    assert next_token(logits, rng, 1.0, 1, None).tolist() == [1]           # top-k 1 is greedy
-    assert next_token(logits, rng, 1.0, None, 0.4).tolist() == [1]          # 0.5 alone reaches 0.4
-    draws = {int(next_token(logits, rng, 1.0, None, 0.7)[0]) for _ in range(200)}
-    assert draws == {1, 3}                                                   # 0.5 + 0.25 reach 0.7
-    draws = {int(next_token(logits, rng, 1.0, 3, None)[0]) for _ in range(300)}
-    assert draws == {1, 2, 3}                                                # 0.1 is outside the top 3
-    counts = np.bincount([int(next_token(logits, rng, 1.0, None, None)[0]) for _ in range(4000)], minlength=4)
-    np.testing.assert_allclose(counts / 4000, [0.1, 0.5, 0.15, 0.25], atol=0.03)
 
 
 def test_sampling_is_seeded_and_stops_at_stop_ids(model):
