@@ -82,41 +82,54 @@ def test_samples_come_from_the_current_weights(exact_float32_matmuls):
     assert np.abs(after.logps - logps).max() <= 1e-5
 
 
-def counting(model, monkeypatch):
-    """{"traces": …, "runs": …}: Python calls of `model.call_with_cache` (tracings under JAX and TensorFlow) and
-    its executions on the device (a callback in the compiled loop; on PyTorch every call runs)."""
-    counts = {"traces": 0, "runs": 0}
-    original = model.call_with_cache
-    backend = keras.backend.backend()
+class Counting:
+    """Wraps `model.call_with_cache`: `traces` counts its Python calls (tracings under JAX and TensorFlow), `runs`
+    its executions on the device (a callback in JAX's compiled loop, a resource variable in TensorFlow's XLA
+    one; on PyTorch every call runs)."""
 
-    def ran(*_):
-        counts["runs"] += 1
-
-    def counted(*args):
-        counts["traces"] += 1
-        logits, cache = original(*args)
-        if backend == "jax":
-            import jax
-
-            jax.debug.callback(ran, logits[0, 0, 0])
-        elif backend == "tensorflow":
+    def __init__(self, model, monkeypatch):
+        self.traces, self._runs = 0, 0
+        self.backend = keras.backend.backend()
+        original = model.call_with_cache
+        if self.backend == "tensorflow":
             import tensorflow as tf
 
-            tf.py_function(lambda x: ran() or x, [logits[0, 0, 0]], tf.float32)
-        else:
-            ran()
-        return logits, cache
+            self._variable = tf.Variable(0)
 
-    monkeypatch.setattr(model, "call_with_cache", counted)
-    return counts
+        def ran(*_):
+            self._runs += 1
+
+        def counted(*args):
+            self.traces += 1
+            logits, cache = original(*args)
+            if self.backend == "jax":
+                import jax
+
+                jax.debug.callback(ran, logits[0, 0, 0])
+            elif self.backend == "tensorflow":
+                self._variable.assign_add(1)
+            else:
+                ran()
+            return logits, cache
+
+        monkeypatch.setattr(model, "call_with_cache", counted)
+
+    @property
+    def runs(self) -> int:
+        return int(self._variable.numpy()) if self.backend == "tensorflow" else self._runs
+
+    def reset_runs(self):
+        if self.backend == "tensorflow":
+            self._variable.assign(0)
+        self._runs = 0
 
 
 def test_stop_ids_end_rows_and_the_loop(monkeypatch):
     model = tiny_model()
-    counts = counting(model, monkeypatch)
+    counter = Counting(model, monkeypatch)
     steps = 8
     greedy = sample(model, PROMPTS, max_new_tokens=steps, pad_id=3)
-    assert counts["runs"] == steps  # the prefill, then one step per token after the first
+    assert counter.runs == steps  # the prefill, then one step per token after the first
     stop = int(greedy.tokens[0, 2])
     at = greedy.tokens[0].tolist().index(stop)
     assert stop not in greedy.tokens[1] and stop not in greedy.tokens[2]
@@ -127,30 +140,30 @@ def test_stop_ids_end_rows_and_the_loop(monkeypatch):
     assert s.lengths.tolist() == [at + 1, steps, steps] and s.stopped.tolist() == [True, False, False]
     np.testing.assert_array_equal(s.tokens[1:], greedy.tokens[1:])
     # every row stops at its first token: the loop ends after the prefill
-    counts["runs"] = 0
+    counter.reset_runs()
     everything = list(range(model.architecture.vocab_size))
     s = sample(model, PROMPTS, max_new_tokens=steps, stop_ids=everything, pad_id=3)
-    assert counts["runs"] == 1
+    assert counter.runs == 1
     assert s.lengths.tolist() == [1, 1, 1] and s.stopped.all()
     assert s.tokens[:, 0].tolist() == greedy.tokens[:, 0].tolist() and (s.tokens[:, 1:] == 3).all()
-    # a stop id at step 3 of every row: the prefill and 2 steps
-    counts["runs"] = 0
+    # each row stops by its third token: the prefill and a step per token of the longest row after its first
+    counter.reset_runs()
     s = sample(model, PROMPTS, max_new_tokens=steps, stop_ids=greedy.tokens[:, 2].tolist())
-    assert counts["runs"] <= 3 and s.stopped.all() and (s.lengths <= 3).all()
+    assert s.stopped.all() and (s.lengths <= 3).all() and counter.runs == s.lengths.max()
 
 
 def test_repeated_calls_compile_nothing(monkeypatch):
     model = tiny_model()
-    counts = counting(model, monkeypatch)
+    counter = Counting(model, monkeypatch)
     sample(model, PROMPTS, max_new_tokens=5, temperature=0.8, seed=1)
-    traced = counts["traces"]
+    traced = counter.traces
     sample(model, PROMPTS, max_new_tokens=5, temperature=0.8, seed=2, stop_ids=[5, 6])
     if keras.backend.backend() == "torch":  # eager: one call per step
-        assert counts["traces"] == traced + 5
+        assert counter.traces == traced + 5
     else:  # the prefill and the loop body, traced once
-        assert traced == 2 and counts["traces"] == 2
+        assert traced == 2 and counter.traces == 2
     sample(model, PROMPTS, max_new_tokens=6, temperature=0.8)  # a new shape compiles again
-    assert counts["traces"] > traced + (5 if keras.backend.backend() == "torch" else 0)
+    assert counter.traces > traced + (5 if keras.backend.backend() == "torch" else 0)
 
 
 def test_the_rule_on_hand_numbers():
