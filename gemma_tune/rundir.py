@@ -13,7 +13,7 @@ devices, seed, git commit (when the working directory is inside a git repository
 SHA-256 fingerprints of the local data files.
 
 What a run directory holds (`MANAGED`): recipe.yaml, manifest.json, logs/run.log, metrics.jsonl and
-metrics.csv, tensorboard/, samples.jsonl, loss_curve.png, summary.json, checkpoints/step_N/,
+metrics.csv, tensorboard/, samples.jsonl, completions.jsonl (online RL), loss_curve.png, summary.json, checkpoints/step_N/,
 exports/<format>/.
 """
 
@@ -44,7 +44,7 @@ from gemma_tune.tempfiles import atomic_file, remove_stale
 PACKAGES = ("gemma_tune", "keras", "keras-hub", "jax", "jaxlib", "tensorflow", "torch", "numpy", "datasets",
             "safetensors", "sentencepiece", "huggingface_hub", "kagglehub", "pydantic")
 MANAGED = ("recipe.yaml", "manifest.json", "logs", "metrics.jsonl", "metrics.csv", "tensorboard", "samples.jsonl",
-           "reference",
+           "completions.jsonl", "reference",
            "loss_curve.png", "summary.json", "checkpoints", "exports")
 RESULTS = ("checkpoints", "exports")  # what a fresh start moves aside rather than overwrites
 log = logging.getLogger("gemma_tune")

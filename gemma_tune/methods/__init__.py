@@ -57,7 +57,22 @@ def reward_rules(recipe, options: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def rl_rules(recipe, options: dict) -> list[tuple[str, str]]:
+    """grpo/rloo: rewards that exist (checked without importing them: gemma_tune.rewards.reward_problems),
+    groups of at least two completions, a recipe section of its own."""
+    from gemma_tune.rewards import reward_problems
+
+    problems = list(reward_problems(recipe.rl.rewards if recipe.rl is not None and recipe.rl.rewards else []))
+    if options["top_k"] is not None and options["top_k"] < 1:
+        problems.append(("rl.top_k", "expected a positive number of tokens, or null"))
+    return problems
+
+
 SFT_FORMATS = ("text", "prompt_completion", "chat", "image_text")
+# TRL GRPOConfig's defaults (num_generations 8, temperature 1, top_p 1, β 0, ε 0.2, loss_type dapo, scale_rewards
+# group, num_iterations 1) but max_completion_length 256 (TRL: 256 since 0.23)
+RL = {"num_generations": 8, "max_completion_length": 256, "temperature": 1.0, "top_p": 1.0, "top_k": None,
+      "beta": 0.0, "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo", "num_iterations": 1, "rewards": []}
 REFERENCE = {"reference": None, "precompute_reference": None}  # dpo/ipo; checked by reference_rules
 METHODS = {spec.name: spec for spec in (
     MethodSpec("sft", SFT_FORMATS, "gemma_tune.methods.sft:SFT"),
@@ -70,6 +85,9 @@ METHODS = {spec.name: spec for spec in (
     MethodSpec("orpo", ("preference",), "gemma_tune.methods.orpo:ORPO", "preference", {"beta": 0.1}),
     MethodSpec("reward", ("preference",), "gemma_tune.methods.reward:Reward", "reward", {"center_coefficient": 0.0},
                reward_rules),
+    MethodSpec("grpo", ("prompt",), "gemma_tune.methods.grpo:GRPO", "rl", {**RL, "scale_rewards": "group"}, rl_rules),
+    # RLOO: no reward scaling (the leave-one-out baseline alone); β 0.05 in the reward, as TRL's RLOOConfig
+    MethodSpec("rloo", ("prompt",), "gemma_tune.methods.grpo:RLOO", "rl", {**RL, "beta": 0.05}, rl_rules),
 )}
 
 

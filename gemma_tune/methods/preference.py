@@ -162,7 +162,7 @@ class PreferenceMethod(Method):
         return Logps(ops.stop_gradient(ops.cast(chosen, "float32")), ops.stop_gradient(ops.cast(rejected, "float32")),
                      policy.chosen_count, policy.rejected_count)
 
-    def setup(self, lm, data, run_dir):
+    def setup(self, lm, data, run_dir, tokenizer=None):
         if not self.uses_reference:
             return
         source = self.options.get("reference")

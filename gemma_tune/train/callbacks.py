@@ -31,7 +31,7 @@ import keras
 from gemma_tune.console import ProgressBar
 from gemma_tune.errors import UserError
 from gemma_tune.train import checkpoint, measure
-from gemma_tune.train.data import eval_batches, for_fit
+from gemma_tune.train.data import for_fit
 
 log = logging.getLogger("gemma_tune")
 
@@ -226,11 +226,13 @@ class _SumTestBatches(keras.callbacks.Callback):
         add_stats(self.sums, logs, weight_loss_by=self.count_of)
 
 
-def evaluate(trainer, split, batch_size: int) -> dict:
-    """The method's eval metrics over the whole `split` (every row once), and its tokens."""
+def evaluate(trainer, split, batch_size: int, step: int = 0) -> dict:
+    """The method's eval metrics over the whole `split` (every row once, as its `eval_stream` gives them at
+    optimisation step `step`), and its tokens."""
     summed = _SumTestBatches(trainer.method.count_of)
-    trainer.evaluate(for_fit(eval_batches(split, batch_size, trainer.method.count)),
-                     steps=split.steps_per_epoch(batch_size), verbose=0, callbacks=[summed])
+    with _inference():
+        batches, count = trainer.method.eval_stream(trainer, split, batch_size, step)
+    trainer.evaluate(for_fit(batches), steps=count, verbose=0, callbacks=[summed])
     return {**trainer.method.metric_values(summed.sums, "eval"), "tokens": summed.sums["tokens"]}
 
 
@@ -253,7 +255,7 @@ class Evaluator(StepCallback):
             return
         trainer = self.model  # on JAX this syncs the training state into the variables
         if self.split is not None:
-            result = evaluate(trainer, self.split, self.batch_size)
+            result = evaluate(trainer, self.split, self.batch_size, step)
             self.sink.write({"step": step, "split": "eval", **result})
             log.info("eval at step %d: %s", step, format_metrics({k: v for k, v in result.items() if k != "tokens"}))
         if self.prompts and self.samples is not None:
@@ -308,12 +310,15 @@ class StopRequest:
 
 class Checkpointer(StepCallback):
     """Saves `run_dir/checkpoints/step_N` every `every` steps, at the last step and on a stop request
-    (then stops training). `state()` gives what besides the weights a resume needs."""
+    (then stops training). `state(step)` gives what besides the weights a resume needs, `method_state(step)`
+    the method's own arrays (`Method.state`)."""
 
-    def __init__(self, run_dir: Path, every: int | None, total_steps: int, state, stop: StopRequest, **kw):
+    def __init__(self, run_dir: Path, every: int | None, total_steps: int, state, stop: StopRequest,
+                 method_state=None, **kw):
         super().__init__(**kw)
         self.run_dir, self.every, self.total_steps = Path(run_dir), every, total_steps
         self.state, self.stop = state, stop
+        self.method_state = method_state or (lambda step: {})
         self.saved: Path | None = None
         self.stopped_at: int | None = None
 
@@ -323,7 +328,7 @@ class Checkpointer(StepCallback):
             return
         trainer = self.model  # syncs the JAX state
         try:
-            self.saved = checkpoint.save(self.run_dir, step, trainer, self.state(step))
+            self.saved = checkpoint.save(self.run_dir, step, trainer, self.state(step), self.method_state(step))
         except checkpoint.NonFiniteWeights as e:
             raise diverged(f"the weights became non-finite ({e})", step, self.run_dir) from None
         log.info("checkpoint saved: %s", self.saved)

@@ -11,6 +11,8 @@ A checkpoint directory holds
                           `Split.batches(batch_size, seed)`), run totals, and the global RNG states
                           of NumPy, Python and torch (on torch, Keras' unseeded dropout draws from
                           torch's global generator), the last as base64 bytes
+  method.safetensors      only when the method keeps state of its own with the checkpoint (`Method.state`: online
+                          RL's rollouts of a round still being optimised)
   checkpoint.json         written last: the size and SHA-256 of each file above (`verify` checks them)
 No pickle anywhere. A checkpoint is written into a temporary `checkpoints/.step_N.tmp-<pid>-…`, flushed
 to disk, and renamed to `step_N` only when complete; a failed write (a full disk) removes its temporary.
@@ -41,6 +43,7 @@ from gemma_tune.tempfiles import temp_path
 KEEP = 2
 STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+METHOD_FILE = "method.safetensors"
 MANIFEST = "checkpoint.json"
 log = logging.getLogger("gemma_tune")
 
@@ -80,7 +83,7 @@ def verify(path: Path) -> str | None:
         recorded = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is missing or unreadable (an incomplete write?)"
-    for name in FILES:
+    for name in FILES + tuple(n for n in recorded if n not in FILES):
         entry, file = recorded.get(name), path / name
         if entry is None or not file.is_file():
             return f"{name} is missing"
@@ -115,9 +118,10 @@ def _numpy(variable) -> np.ndarray:
     return np.array(value, order="C")  # (np.ascontiguousarray would make scalars 1-D)
 
 
-def save(run_dir: Path, step: int, trainer, state: dict) -> Path:
+def save(run_dir: Path, step: int, trainer, state: dict, method_state: dict | None = None) -> Path:
     """Write checkpoint `step` of `trainer` (a `MethodTrainer`: its `model_variables` and its optimiser's)
-    atomically and prune to the last `KEEP`; `state` goes to state.json with the global RNG states.
+    atomically and prune to the last `KEEP`; `state` goes to state.json with the global RNG states,
+    `method_state` (arrays by name; None or {} = none) to method.safetensors.
     Raises NonFiniteWeights, writing nothing, when a trained variable is not finite."""
     from safetensors.numpy import save_file
 
@@ -135,10 +139,14 @@ def save(run_dir: Path, step: int, trainer, state: dict) -> Path:
                   str(tmp / FILES[1]))
         full_state = dict(state, step=step, rng=global_rng_state())
         (tmp / FILES[2]).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        names = FILES
+        if method_state:
+            save_file({k: np.ascontiguousarray(v) for k, v in method_state.items()}, str(tmp / METHOD_FILE))
+            names = FILES + (METHOD_FILE,)
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
         share_permissions(tmp)  # safetensors writes 0600
-        for name in FILES + (MANIFEST,):
+        for name in names + (MANIFEST,):
             _fsync(tmp / name)
         if final.exists():  # a stale checkpoint of the same step (e.g. from before a resume): replace it
             stale = temp_path(final, kind="old")
@@ -193,6 +201,14 @@ def load(path: Path, trainer) -> dict:
     restore_variables(keyed_variables(trainer.optimizer.variables), load_file(str(path / FILES[1])),
                       str(path / FILES[1]), "another optimizer, or other trainable weights?")
     return read_state(path)
+
+
+def method_state(path: Path) -> dict[str, np.ndarray]:
+    """The method's arrays kept with checkpoint `path` ({} when it kept none)."""
+    from safetensors.numpy import load_file
+
+    file = Path(path) / METHOD_FILE
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def read_state(path: Path) -> dict:

@@ -28,15 +28,19 @@ from gemma_tune.rundir import RunDirectory, atomic_write_text
 log = logging.getLogger("gemma_tune")
 
 
+SAMPLE_FILES = ("samples.jsonl", "completions.jsonl")  # rows with a "step", cut back to the step a resume starts at
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """A run stopped on request after saving a checkpoint."""
 
 
-def total_steps(train, split) -> int:
-    """Optimisation steps of the run: `max_steps`, else ⌈epochs · micro-batches per epoch / grad_accum⌉."""
+def total_steps(train, split, method) -> int:
+    """Optimisation steps of the run: `max_steps`, else ⌈epochs · optimisation steps per epoch⌉ (the method's
+    `steps_per_epoch`: micro-batches per epoch / grad_accum, or online RL's rounds × iterations)."""
     if train.max_steps is not None:
         return train.max_steps
-    return max(1, math.ceil(train.epochs * split.steps_per_epoch(train.batch_size) / train.grad_accum))
+    return max(1, math.ceil(train.epochs * method.steps_per_epoch(split, train)))
 
 
 def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dict:
@@ -60,7 +64,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
                                             RestoreRNG, StopRequest, Throughput)
-    from gemma_tune.train.data import for_fit, train_batches
+    from gemma_tune.train.data import for_fit, no_read_ahead
     from gemma_tune.train.logs import MetricsSink, csv_columns
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
     from gemma_tune.train.report import plot_loss, write_summary
@@ -71,12 +75,12 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     start = resuming.plan(held, recipe, resume)
     lm, tokenizer = build_for_recipe(recipe)
     data = prepare(recipe.data, tokenizer, recipe.seed, architecture=lm.architecture)
-    steps = total_steps(recipe.train, data.train)
+    method = build_method(recipe)
+    steps = total_steps(recipe.train, data.train, method)
     start.check_length(steps, run_dir)
     schedule = WarmupSchedule.for_recipe(recipe.train, steps)
     optimizer = build_optimizer(recipe.train, schedule, loss_scaling=recipe.model.dtype == "float16")
-    method = build_method(recipe)
-    method.setup(lm, data, run_dir)  # with the starting weights: before a checkpoint is restored
+    method.setup(lm, data, run_dir, tokenizer=tokenizer)  # with the starting weights: before a checkpoint is restored
     trainer = MethodTrainer(lm, method, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
     trainer.compile(optimizer=optimizer, jit_compile=recipe.train.jit_compile)
     trainer.built = True  # the wrapped model is built; nothing of its own to build
@@ -86,16 +90,19 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     if start.checkpoint is not None:
         state = checkpoint.load(start.checkpoint, trainer)
         done, totals, rng = state["step"], state.get("totals", totals), state.get("rng")
+        method.restore(checkpoint.method_state(start.checkpoint), done)
         log.info("resuming from %s (step %d of %d)", start.checkpoint, done, steps)
     held.commit(recipe, backend, fresh=start.fresh)
     method.save(run_dir)
     sink = MetricsSink(run_dir, csv_columns(method))
     if done:
         sink.truncate_after(done)
-        _truncate_samples(run_dir / "samples.jsonl", done)
+        for name in SAMPLE_FILES:
+            _truncate_samples(run_dir / name, done)
     else:
         sink.reset()
-        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        for name in SAMPLE_FILES:
+            (run_dir / name).unlink(missing_ok=True)
 
     counts = count_params(lm)
     device = measure.accelerator()
@@ -114,7 +121,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
                            "trained_tokens": totals["trained_tokens"] + now["trained_tokens"],
                            "seconds": totals["seconds"] + now["seconds"]}}
 
-    checkpointer = Checkpointer(run_dir, t.save_every, steps, state_for, stop, **kw)
+    checkpointer = Checkpointer(run_dir, t.save_every, steps, state_for, stop, method_state=method.state, **kw)
     logger = MetricsLogger(sink, schedule, steps, t.log_every, throughput, method, **kw)
     own = [RestoreRNG(rng)] if rng else []
     own += [NonFiniteGuard(run_dir, **kw), throughput, logger,
@@ -125,11 +132,11 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
         if done < steps:
             log.info("training %d steps (%d to go) of batch %d x %d accumulated, %d tokens each row", steps,
                      steps - done, t.batch_size, t.grad_accum, recipe.data.max_length)
-            batches = train_batches(data.train, t.batch_size, t.grad_accum, recipe.seed, method.count,
-                                    start_step=done)
-            with stop:
+            batches = method.train_stream(trainer, data.train, batch_size=t.batch_size, accum=t.grad_accum,
+                                          seed=recipe.seed, start_step=done, total_steps=steps)
+            with stop, no_read_ahead(method.on_policy):
                 trainer.fit(for_fit(batches), steps_per_epoch=(steps - done) * t.grad_accum, epochs=1,
-                            verbose=0, shuffle=False, callbacks=own + list(callbacks))
+                            verbose=0, shuffle=False, callbacks=own + method.callbacks() + list(callbacks))
         else:
             log.info("the run is already complete (step %d of %d): nothing left to train", done, steps)
     finally:

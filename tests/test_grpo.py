@@ -1,0 +1,159 @@
+"""Online RL (grpo, rloo) through the one trainer, on every backend: completions are sampled from the
+weights being trained, the tiny quickstart's reward climbs, a resumed run (inside a round of μ iterations
+too) continues identically, RLOO with its KL-penalised reward and an eval split runs, and a reward function
+that fails stops the run with its name and row, the last checkpoint kept."""
+
+import json
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import gemma_tune
+from gemma_tune.methods.grpo import GRPO
+from gemma_tune.rewards import RewardError
+
+if keras.backend.backend() == "jax":  # the same programs compile once per test session
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gemma_tune_jax_cache"))
+
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
+        "head_dim": 8, "query_pre_attn_scalar": 8}
+
+
+def distinct_characters(prompts, completions, **kwargs):
+    """A dense test reward: the number of different characters of the completion, / 10."""
+    return [len(set(c)) / 10 for c in completions]
+
+
+@pytest.fixture(autouse=True)
+def test_rewards(monkeypatch):
+    """`rl_test_rewards:…` importable as reward functions."""
+    import sys
+    import types
+
+    module = types.ModuleType("rl_test_rewards")
+    module.distinct_characters = distinct_characters
+    monkeypatch.setitem(sys.modules, "rl_test_rewards", module)
+    return module
+
+
+def recipe(run_dir, method="grpo", lora=True, rl=None, **train):
+    return {
+        "name": "rl", "seed": 1, "output_dir": str(run_dir), "method": method,
+        "model": {"preset": "gemma3_tiny", "architecture": TINY, "weights": None,
+                  "tokenizer": "data/tiny/tokenizer.model", "dtype": "float32"},
+        **({"lora": {"rank": 4, "alpha": 8}} if lora else {}),
+        "data": {"train": {"path": "data/tiny/arithmetic.jsonl", "format": "prompt"}, "max_length": 32},
+        "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3, "schedule": "constant", "log_every": 1,
+                  **train},
+        "rl": {"num_generations": 4, "max_completion_length": 6,
+               "rewards": ["answer_match", "rl_test_rewards:distinct_characters"],
+               **(rl or {})},
+    }
+
+
+def rows(run_dir, split="train"):
+    return [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == split]
+
+
+def probe(lm) -> np.ndarray:
+    """A trained weight (a LoRA B factor, zero at the start) as NumPy."""
+    layer = lm.blocks[0].attention.q_proj
+    return np.array(ops.convert_to_numpy(layer.lora_kernel_b))
+
+
+def test_completions_are_sampled_from_the_weights_being_trained(tmp_path, monkeypatch):
+    """Each round is sampled from the weights after the optimisation step before it: with grad_accum 2 and
+    μ = 2, rounds start at steps 1 and 3, sampled from the starting weights and from those after step 2."""
+    at_rollout, after_step = [], {}
+    original = GRPO.rollout
+
+    def recording(self, prompts, **kw):
+        at_rollout.append((kw["step"], probe(self.lm)))
+        return original(self, prompts, **kw)
+
+    monkeypatch.setattr(GRPO, "rollout", recording)
+
+    class AfterStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % 2 == 0:
+                after_step[(batch + 1) // 2] = probe(self.model.lm)
+
+    gemma_tune.train.train(gemma_tune.load_recipe(recipe(tmp_path / "run", grad_accum=2,
+                                                         rl={"num_iterations": 2})),
+                           callbacks=[AfterStep()])
+    assert [step for step, _ in at_rollout] == [0, 2]
+    np.testing.assert_array_equal(at_rollout[0][1], 0.0)  # the starting adapters
+    np.testing.assert_array_equal(at_rollout[1][1], after_step[2])
+    assert not np.array_equal(after_step[1], after_step[2])  # the weights did move in between
+
+
+def test_the_quickstart_reward_climbs(tmp_path):
+    result = gemma_tune.run("recipes/quickstart_grpo.yaml",
+                            overrides=[f"output_dir={tmp_path / 'q'}", "train.max_steps=60", "train.log_every=10",
+                                       "train.sample_prompts=[]", "export.formats=[]"])
+    history = result.history
+    assert history["reward"][-1] > history["reward"][0] + 0.25, history["reward"]
+    assert history["rewards/format"][-1] > 0.7
+    completions = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 60 * 8 and {c["split"] for c in completions} == {"train"}
+    assert set(completions[0]["rewards"]) == {"format", "answer_match"}
+
+
+def test_a_resumed_run_continues_identically(tmp_path):
+    """Full fine-tuning with β > 0 (a frozen reference copy), μ = 2, stopped at step 3, inside the round of
+    steps 3-4: its rollouts come back from the checkpoint, the next round is sampled as it was."""
+    settings = dict(lora=False, rl={"num_iterations": 2, "beta": 0.1})
+    full = tmp_path / "full"
+    uninterrupted = gemma_tune.run(recipe(full, max_steps=6, **settings))
+    assert not (full / "checkpoints" / "step_6" / "method.safetensors").exists()  # a round's end: nothing kept
+    cut = tmp_path / "cut"  # stopped at step 3, then the same run made longer: it continues
+    gemma_tune.run(recipe(cut, max_steps=3, **settings))
+    assert (cut / "checkpoints" / "step_3" / "method.safetensors").is_file()
+    resumed = gemma_tune.run(recipe(cut, max_steps=6, **settings))
+    assert resumed.history["step"] == list(range(1, 7))
+    for key in ("loss", "reward", "kl", "entropy", "completions/mean_length"):
+        assert resumed.history[key] == uninterrupted.history[key], key
+    assert (cut / "completions.jsonl").read_text() == (full / "completions.jsonl").read_text()
+
+
+def test_rloo_with_an_eval_split(tmp_path):
+    run_dir = tmp_path / "rloo"
+    data = {"train": {"path": "data/tiny/arithmetic.jsonl", "format": "prompt"}, "eval_fraction": 0.2,
+            "max_length": 32}
+    result = gemma_tune.run({**recipe(run_dir, method="rloo", eval_every=2), "data": data})
+    evals = rows(run_dir, "eval")
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:  # every metric of TRL's names, β 0.05 (RLOO's default) gives a KL
+        for key in ("loss", "reward", "reward_std", "rewards/answer_match", "rewards/distinct_characters", "kl",
+                    "clip_ratio", "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
+                    "entropy"):
+            assert r[key] is not None and np.isfinite(r[key]), key
+    lines = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    eval_prompts = {c["prompt"] for c in lines if c["split"] == "eval"}
+    assert len(eval_prompts) == 6 and sum(c["split"] == "eval" for c in lines) == 2 * 6 * 4
+    assert result.history["kl"][0] == 0.0  # the first step's policy is the reference
+
+
+def test_a_failing_reward_function_stops_the_run_with_its_name(tmp_path, test_rewards):
+    calls = {"n": 0}
+
+    def flaky(prompts, completions, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise ZeroDivisionError("no reward for you")
+        return [0.0] * len(completions)
+
+    test_rewards.flaky = flaky
+    run_dir = tmp_path / "run"
+    with pytest.raises(RewardError, match="flaky") as info:
+        gemma_tune.run(recipe(run_dir, save_every=1, rl={"rewards": ["rl_test_rewards:flaky"]}))
+    assert "What is" in str(info.value) and "ZeroDivisionError: no reward for you" in str(info.value)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
