@@ -67,6 +67,14 @@ def test_readme_commands_run_in_order(tmp_path):
         np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(batch)), trained, atol=1e-5,
                                    err_msg=str(export))
 
+    # the GRPO quickstart: the reward climbs as the answer's layout is learnt; completions are kept with rewards
+    grpo_dir = tmp_path / "runs" / "quickstart-grpo"
+    grpo = [json.loads(line) for line in (grpo_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in grpo] == list(range(15, 151, 15))
+    assert grpo[-1]["reward"] > grpo[0]["reward"] + 0.3 and grpo[-1]["rewards/format"] > 0.75
+    completions = (grpo_dir / "completions.jsonl").read_text().splitlines()
+    assert len(completions) == 150 * 8 and "answer_match" in json.loads(completions[-1])["rewards"]
+
     # the vision quickstart: a tiny PaliGemma learns the bundled captions; its export computes what it trained
     vision_dir = tmp_path / "runs" / "paligemma-quickstart"
     vision = json.loads((vision_dir / "summary.json").read_text())
