@@ -183,12 +183,21 @@ def _validate(args: argparse.Namespace) -> int:
           f"packing {_packing(recipe)})")
     print(f"  train    {length}, batch {recipe.train.batch_size} x accum {recipe.train.grad_accum}, "
           f"{recipe.train.optimizer} lr {recipe.train.learning_rate:g} {recipe.train.schedule}")
+    if recipe.data.train.format == "prompt":
+        from gemma_tune.methods import method_options
+
+        o = method_options(recipe)
+        rewards = ", ".join(r if isinstance(r, str) else (r.name or f"model {r.model}") for r in recipe.rl.rewards)
+        print(f"  rl       {o['num_generations']} completions per prompt of at most {o['max_completion_length']} "
+              f"tokens, temperature {o['temperature']:g}; rewards {rewards}")
     if recipe.export.formats:
         print(f"  export   {', '.join(recipe.export.formats)}")
     return 0
 
 
 def _packing(recipe) -> str:
+    if recipe.data.train.format == "prompt":
+        return "off: prompts, completed in the run"
     if recipe.data.train.format == "preference":
         return "off: one pair per row"
     if recipe.data.train.format == "image_text":
