@@ -43,6 +43,7 @@ class Method(abc.ABC):
     metrics: ClassVar[tuple[str, ...]]   # logged metric names, in column order ("loss" first)
     eval_metrics: ClassVar[tuple[str, ...]] = ()  # extra names of eval rows
     loss_label: ClassVar[str] = "loss"   # the loss curve's y axis
+    curve: ClassVar[str] = "loss"        # the metric loss_curve.png plots (and the summary shows first -> last)
     on_policy: ClassVar[bool] = False    # batches depend on the weights being trained (Keras must not read ahead)
 
     def __init__(self, recipe, options: dict):

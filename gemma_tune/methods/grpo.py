@@ -47,7 +47,8 @@ class GRPO(Method):
     """Group Relative Policy Optimization (module docstring; equations in gemma_tune.methods.rl)."""
 
     counts = ("completions", "completion_tokens")
-    loss_label = "loss (clipped surrogate)"
+    loss_label = "reward (weighted sum, mean per completion)"
+    curve = "reward"  # the surrogate's value says little; the reward is what climbs
     on_policy = True
     kl_in_loss = True  # GRPO: β · k3 KL per token in the loss; RLOO: β in the reward
 

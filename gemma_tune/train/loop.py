@@ -145,10 +145,10 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
 
     interrupted = checkpointer.stopped_at is not None
     exports = {} if interrupted else _export(recipe, trained_model(lm, trainer.heads), tokenizer, run_dir)
-    curve = plot_loss(sink.rows, run_dir / "loss_curve.png", method.loss_label)
+    curve = plot_loss(sink.rows, run_dir / "loss_curve.png", method.loss_label, key=method.curve)
     summary = _summary(recipe, run_dir, steps, checkpointer.stopped_at or max(done, steps),
                        checkpointer.saved or start.checkpoint, throughput, sink, totals, exports, device,
-                       data.stats, curve)
+                       data.stats, curve, method)
     print(write_summary(summary, run_dir), flush=True)
     if interrupted:
         message = (f"stopped at step {checkpointer.stopped_at} on request; checkpoint {checkpointer.saved}; "
@@ -180,7 +180,7 @@ def _export(recipe, model, tokenizer, run_dir: Path) -> dict[str, Path]:
 
 
 def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, totals, exports, device,
-             data_stats, curve) -> dict:
+             data_stats, curve, method) -> dict:
     import keras
 
     session = throughput.summary()
@@ -197,6 +197,9 @@ def _summary(recipe, run_dir, steps, reached, checkpoint_dir, throughput, sink, 
         "peak_memory_gib": session["peak_memory_gib"], "peak_memory_of": session["peak_memory_of"],
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
+        "curve": method.curve,  # the quantity of loss_curve.png; its first and last train values:
+        "first_metrics": {k: train_rows[0].get(k) for k in method.metrics} if train_rows else None,
+        "final_metrics": {k: train_rows[-1].get(k) for k in method.metrics} if train_rows else None,
         "eval": eval_rows[-1] if eval_rows else None,
         "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
         "exports": {fmt: str(path) for fmt, path in exports.items()},

@@ -9,11 +9,11 @@ from gemma_tune.rundir import atomic_write_text
 from gemma_tune.tempfiles import atomic_file
 
 
-def plot_loss(rows: list[dict], path: Path, label: str = "loss") -> Path | None:
-    """Train (and eval) loss against step as a PNG (matplotlib, Agg), the y axis called `label`; None
-    when nothing was logged."""
-    train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train" and r.get("loss") is not None]
-    evals = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval" and r.get("loss") is not None]
+def plot_loss(rows: list[dict], path: Path, label: str = "loss", key: str = "loss") -> Path | None:
+    """Train (and eval) `key` (the method's curve: the loss, online RL's reward) against step as a PNG
+    (matplotlib, Agg), the y axis called `label`; None when nothing was logged."""
+    train = [(r["step"], r[key]) for r in rows if r["split"] == "train" and r.get(key) is not None]
+    evals = [(r["step"], r[key]) for r in rows if r["split"] == "eval" and r.get(key) is not None]
     if not train and not evals:
         return None
     import matplotlib
@@ -50,6 +50,9 @@ def write_summary(summary: dict, run_dir: Path) -> str:
         lines.append(f"  peak memory {summary['peak_memory_gib']:.2f} GiB ({summary['peak_memory_of']})")
     if summary.get("final_loss") is not None:
         lines.append(f"  loss        {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    curve = summary.get("curve", "loss")
+    if curve != "loss" and (summary.get("final_metrics") or {}).get(curve) is not None:
+        lines.append(f"  {curve:<11} {summary['first_metrics'][curve]:.4f} -> {summary['final_metrics'][curve]:.4f}")
     if summary.get("eval"):
         shown = {k: v for k, v in summary["eval"].items() if k not in ("step", "split", "tokens") and v is not None}
         lines.append("  eval        " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
