@@ -32,9 +32,11 @@ A row ends at its first stop id, which is kept (tokens, lengths); its later slot
 Compilation: JAX jits the whole function over the variables' current values (`keras.StatelessScope`;
 the values are read at each call, so a changed weight changes the samples); TensorFlow runs it as a
 `tf.function` compiled by XLA (`jit_compile=True`, as keras-hub's generate; the while loop becomes
-`tf.while_loop`; 3.5× faster than without XLA on CPU); PyTorch eagerly under `torch.no_grad()` (the loop
-is a Python loop). The compiled functions are kept on the model per (temperature, top_k, top_p) while its
-variables stay the same: repeated calls with the same shapes compile nothing.
+`tf.while_loop`; 3.5× faster than without XLA for gemma3_tiny, 64 rows × 64 tokens on CPU); PyTorch eagerly
+under `torch.no_grad()` (the loop is a Python loop). The compiled functions are kept on the model per
+(temperature, top_k, top_p) while its variables stay the same: repeated calls with the same shapes compile
+nothing. The stop ids reach the loop as a mask over the vocabulary, so other stop ids compile nothing either
+(ids outside the vocabulary are never sampled and are ignored).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def next_tokens(logits, uniforms, temperature: float, top_k: int | None = None, 
         cumulative = ops.cumsum(weights, axis=-1)
         threshold = ops.cast(uniforms, "float32")[:, None] * cumulative[:, -1:]
         chosen = ops.sum(ops.cast(cumulative < threshold, "int32"), axis=-1)
-        chosen = ops.minimum(chosen, ops.shape(weights)[-1] - 1)  # rounding can leave u · W_total above W_last
+        chosen = ops.minimum(chosen, ops.shape(weights)[-1] - 1)  # u·W_last ≤ W_last keeps it so; a guard only
         tokens = chosen if ids is None else ops.take_along_axis(ops.cast(ids, "int32"), chosen[:, None], axis=-1)[:, 0]
     logps = ops.take_along_axis(ops.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logps

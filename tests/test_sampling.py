@@ -29,7 +29,8 @@ def model():
 
 def full_pass(model, prompts, samples, temperature: float):
     """(log softmax(z / τ)[token], argmax z, rank: how many logits exceed the token's) [B, N] at every produced
-    token (0, -1, -1 after a row's end), from one forward pass without a cache over each row's prompt + completion (right-padded to one width)."""
+    token (0, -1, -1 after a row's end), from one forward pass without a cache over each row's prompt + completion
+    (right-padded to one width)."""
     seqs = [list(p) + samples.tokens[b, :samples.lengths[b]].tolist() for b, p in enumerate(prompts)]
     width = max(len(s) for s in seqs)
     ids = np.zeros((len(seqs), width), "int32")
