@@ -300,15 +300,32 @@ def reward_problems(items) -> list[tuple[str, str]]:
 
 
 # ---- loading ------------------------------------------------------------------------------------------
+def _import_module(name: str):
+    """`importlib.import_module(name)`, the working directory searched first as `python -m` does (the
+    `gemma-tune` script's own directory is on the path instead)."""
+    import os
+    import sys
+
+    here = os.getcwd()
+    if here in sys.path:
+        return importlib.import_module(name)
+    sys.path.insert(0, here)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(here)
+
+
 def _imported(path: str, where: str) -> Callable:
-    """The reward function at `path` (package.module:function), checked to take keywords (TRL's `**kwargs`)."""
+    """The reward function at `path` (package.module:function, importable from the working directory or the
+    Python path), checked to take keywords (TRL's `**kwargs`)."""
     module_name, attribute = path.split(":")
     try:
-        target = importlib.import_module(module_name)
+        target = _import_module(module_name)
     except Exception as e:  # noqa: BLE001 - the user's module: any error in it means it does not import
         raise ConfigError(f"could not import module {module_name!r} ({type(e).__name__}: {e}); expected "
-                          "package.module:function importable from the Python path (is its directory on "
-                          "PYTHONPATH?)", where=where) from e
+                          "package.module:function importable from the working directory or the Python path "
+                          "(is its directory on PYTHONPATH?)", where=where) from e
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"module {module_name!r} has no {attribute!r}; expected package.module:function",

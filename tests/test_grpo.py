@@ -4,6 +4,7 @@ too) continues identically, RLOO with its KL-penalised reward and an eval split 
 that fails stops the run with its name and row, the last checkpoint kept."""
 
 import json
+from pathlib import Path
 
 import os
 import tempfile
@@ -15,7 +16,8 @@ from keras import ops
 
 import gemma_tune
 from gemma_tune.methods.grpo import GRPO
-from gemma_tune.rewards import RewardError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if keras.backend.backend() == "jax":  # the same programs compile once per test session
     import jax
@@ -142,18 +144,30 @@ def test_rloo_with_an_eval_split(tmp_path):
     assert result.history["kl"][0] == 0.0  # the first step's policy is the reference
 
 
-def test_a_failing_reward_function_stops_the_run_with_its_name(tmp_path, test_rewards):
-    calls = {"n": 0}
+def test_a_failing_reward_function_stops_the_run_with_its_name(tmp_path):
+    """Through the CLI, the function imported from the working directory: exit 2, its name, the row and the
+    error, no traceback; the checkpoints before the failure are kept."""
+    import subprocess
+    import sys
 
-    def flaky(prompts, completions, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise ZeroDivisionError("no reward for you")
-        return [0.0] * len(completions)
+    import yaml
 
-    test_rewards.flaky = flaky
-    run_dir = tmp_path / "run"
-    with pytest.raises(RewardError, match="flaky") as info:
-        gemma_tune.run(recipe(run_dir, save_every=1, rl={"rewards": ["rl_test_rewards:flaky"]}))
-    assert "What is" in str(info.value) and "ZeroDivisionError: no reward for you" in str(info.value)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    (tmp_path / "my_rewards.py").write_text(
+        "calls = 0\n\n"
+        "def flaky(prompts, completions, **kwargs):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls > 2:\n"
+        "        raise ZeroDivisionError('no reward for you')\n"
+        "    return [0.0] * len(completions)\n")
+    data = recipe(tmp_path / "run", save_every=1, rl={"rewards": ["my_rewards:flaky"]})
+    data["model"]["tokenizer"] = str(ROOT / "data/tiny/tokenizer.model")
+    data["data"]["train"]["path"] = str(ROOT / "data/tiny/arithmetic.jsonl")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "gemma_tune", "run", "r.yaml", "--backend", keras.backend.backend()],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "reward 'flaky' raised" in done.stderr and "What is" in done.stderr
+    assert "ZeroDivisionError: no reward for you" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
