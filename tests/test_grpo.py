@@ -4,10 +4,9 @@ too) continues identically, RLOO with its KL-penalised reward and an eval split 
 that fails stops the run with its name and row, the last checkpoint kept."""
 
 import json
-from pathlib import Path
-
 import os
 import tempfile
+from pathlib import Path
 
 import keras
 import numpy as np
