@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -82,15 +81,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def architecture(args):
-    from gemma_tune.config.presets import preset_architecture
+    from workload import architecture as preset_architecture  # bench/ is the script's directory
 
-    overrides = {}
-    for item in args.arch:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--arch wants KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return preset_architecture(args.preset, **overrides)
+    return preset_architecture(args.preset, args.arch)
 
 
 def batches(args) -> list[int]:

@@ -30,7 +30,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -86,15 +85,9 @@ def config(args) -> dict:
 
 
 def architecture(args):
-    from gemma_tune.config.presets import preset_architecture
+    from workload import architecture as preset_architecture  # bench/ is the script's directory
 
-    overrides = {}
-    for item in args.arch:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--arch wants KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return preset_architecture(args.preset, **overrides)
+    return preset_architecture(args.preset, args.arch)
 
 
 def child(args) -> None:

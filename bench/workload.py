@@ -20,6 +20,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def architecture(preset: str, overrides: list[str]):
+    """The `preset`'s Architecture with `--arch KEY=VALUE` overrides (values read as YAML)."""
+    import yaml
+
+    from gemma_tune.config.presets import preset_architecture
+
+    fields = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--arch wants KEY=VALUE, got {item!r}")
+        fields[key] = yaml.safe_load(value)
+    return preset_architecture(preset, **fields)
+
+
 def random_packed_rows(rows: int, length: int, vocab_size: int, seed: int, max_segments: int = 4) -> dict:
     """Arrays [rows, length] (token_ids, segment_ids, positions, target_ids, loss_mask), full rows."""
     from gemma_tune.data.pack import build_rows
