@@ -65,8 +65,8 @@ class GRPO(Method):
         self.metrics = ()
         self.stream: Rollouts | None = None
         self._restored: dict | None = None
-        self.lm = self.tokenizer = self.reference = None
-        self.logps = self.reference_logps = None
+        self.lm = self.tokenizer = self.run_dir = None  # set by setup
+        self.logps = self.reference_logps = None  # TokenLogps of the policy (μ > 1) and the reference (β > 0)
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def setup(self, lm, data, run_dir, tokenizer=None):
@@ -155,21 +155,12 @@ class GRPO(Method):
         each prompt's G completions sampled in chunks of `chunk_rows` prompts with seeds [*seed, chunk],
         scored, laid out, with advantages. `real_prompts`: the first so many are real, the rest padding."""
         from gemma_tune.rewards import score_completions
-        from gemma_tune.sampling import sample
 
-        G, tok, o = self.num_generations, self.tokenizer, self.options
+        G, tok = self.num_generations, self.tokenizer
         ids = [p for p in prompts.ids for _ in range(G)]
         texts_in = [p for p in prompts.prompts for _ in range(G)]
         columns = {k: [v for v in values for _ in range(G)] for k, values in prompts.columns.items()}
-        parts = []
-        for c, start in enumerate(range(0, len(prompts.ids), chunk_rows)):
-            parts.append(sample(self.lm, ids[start * G:(start + chunk_rows) * G], max_new_tokens=self.max_completion_length,
-                                temperature=self.temperature, top_k=o["top_k"], top_p=o["top_p"], seed=[*seed, c],
-                                stop_ids=(tok.end_of_turn_id, tok.eos_id), pad_id=tok.pad_id))
-        tokens = np.concatenate([p.tokens for p in parts])
-        sampled_logps = np.concatenate([p.logps for p in parts])
-        lengths = np.concatenate([p.lengths for p in parts])
-        stopped = np.concatenate([p.stopped for p in parts])
+        tokens, sampled_logps, lengths, stopped = self._sample(ids, seed, chunk_rows * G)
         n = len(ids)
         valid = np.ones(n, np.float32)
         if real_prompts is not None:
@@ -180,7 +171,7 @@ class GRPO(Method):
         rows = completion_rows(ids, tokens, lengths, self.width)
         start = rows.pop("completion_start")
         rows["loss_mask"] *= valid[:, None]
-        for key, chunked in (("old_logps", self.logps if o["num_iterations"] > 1 else None),
+        for key, chunked in (("old_logps", self.logps if self.options["num_iterations"] > 1 else None),
                              ("ref_logps", self.reference_logps)):
             if chunked is not None:
                 rows[key] = self._forward(chunked, rows, chunk_rows * G)
@@ -201,6 +192,19 @@ class GRPO(Method):
             rows[f"reward_{i}_count"] = applies.astype(np.float32) * valid
         rows["texts"] = {"prompts": texts_in, "completions": completions, "rewards": per_function}
         return rows
+
+    def _sample(self, ids: list[list[int]], seed, size: int):
+        """(tokens, logps, lengths, stopped) of completions of the prompt `ids`, `size` at a time, the k-th
+        chunk with seed [*seed, k] (gemma_tune.sampling.sample)."""
+        from gemma_tune.sampling import sample
+
+        o, tok = self.options, self.tokenizer
+        parts = [sample(self.lm, ids[start:start + size], max_new_tokens=self.max_completion_length,
+                        temperature=self.temperature, top_k=o["top_k"], top_p=o["top_p"], seed=[*seed, k],
+                        stop_ids=(tok.end_of_turn_id, tok.eos_id), pad_id=tok.pad_id)
+                 for k, start in enumerate(range(0, len(ids), size))]
+        return tuple(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("tokens", "logps", "lengths", "stopped"))
 
     def _forward(self, scorer, rows, size: int) -> np.ndarray:
         """Per-token log-probabilities of `scorer` over the rows, `size` rows at a time."""
@@ -242,8 +246,8 @@ class GRPO(Method):
                     "entropy": ops.sum(ops.stop_gradient(entropy) * mask),
                     "targets": ops.sum(mask),
                     "tokens": ops.sum(ops.cast(ops.greater(batch["segment_ids"], 0), "float32"))})
-        for key in ROW_STATS[:-1] + tuple(k for i in range(len(self.rewards))
-                                          for k in (f"reward_{i}", f"reward_{i}_count")):
+        summed = ("reward", "reward_std", "zero_std", "length", "clipped")
+        for key in summed + tuple(k for i in range(len(self.rewards)) for k in (f"reward_{i}", f"reward_{i}_count")):
             out[key] = ops.sum(ops.cast(batch[key], "float32"))
         return out
 
