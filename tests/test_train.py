@@ -219,9 +219,22 @@ def test_run_length_from_epochs_counts_optimiser_steps():
     from gemma_tune.data import Split
     from gemma_tune.train.loop import total_steps
 
+    from gemma_tune.data.prompts import PromptSplit
+    from gemma_tune.methods import build_method
+
+    def method(name, **rl):
+        recipe = {"name": "n", "model": {"preset": "gemma3_tiny", "tokenizer": "data/tiny/tokenizer.model"},
+                  "method": name, "data": {"train": {"path": "data/tiny/arithmetic.jsonl",
+                                                     "format": "prompt" if rl else "chat"}, "max_length": 64}}
+        return build_method(gemma_tune.load_recipe({**recipe, **({"rl": rl} if rl else {})}))
+
     split = Split({"token_ids": np.zeros((10, 4), np.int32)}, np.ones(10), bucketed=False)  # 3 batches of 4
-    assert total_steps(TrainSection(epochs=2.5, batch_size=4, grad_accum=2), split) == 4  # ⌈2.5 · 3 / 2⌉
-    assert total_steps(TrainSection(max_steps=7, batch_size=4), split) == 7
+    assert total_steps(TrainSection(epochs=2.5, batch_size=4, grad_accum=2), split, method("sft")) == 4  # ⌈2.5·3/2⌉
+    assert total_steps(TrainSection(max_steps=7, batch_size=4), split, method("sft")) == 7
+    # online RL: rounds of batch_size × grad_accum prompts, each trained num_iterations steps
+    prompts = PromptSplit([[1]] * 10, ["p"] * 10, {})  # rounds of 4 prompts: 3 per epoch
+    grpo = method("grpo", num_iterations=2, rewards=["answer_match"])
+    assert total_steps(TrainSection(epochs=1.5, batch_size=2, grad_accum=2), prompts, grpo) == 9  # ⌈1.5 · 3 · 2⌉
 
 
 def test_bfloat16_lora_keeps_the_frozen_base_in_bfloat16(tmp_path):
