@@ -1,7 +1,8 @@
 """Online RL (grpo, rloo) through the one trainer, on every backend: completions are sampled from the
-weights being trained, the tiny quickstart's reward climbs, a resumed run (inside a round of μ iterations
-too) continues identically, RLOO with its KL-penalised reward and an eval split runs, and a reward function
-that fails stops the run with its name and row, the last checkpoint kept."""
+weights being trained, a resumed run (inside a round of μ iterations too) continues identically, RLOO with
+its KL-penalised reward and an eval split runs, and a reward function that fails stops the run with its name
+and row, the last checkpoint kept. (That the GRPO quickstart's reward climbs is checked where README runs it,
+tests/test_readme.py.)"""
 
 import json
 import os
@@ -94,18 +95,6 @@ def test_completions_are_sampled_from_the_weights_being_trained(tmp_path, monkey
     np.testing.assert_array_equal(at_rollout[0][1], 0.0)  # the starting adapters
     np.testing.assert_array_equal(at_rollout[1][1], after_step[2])
     assert not np.array_equal(after_step[1], after_step[2])  # the weights did move in between
-
-
-def test_the_quickstart_reward_climbs(tmp_path):
-    result = gemma_tune.run("recipes/quickstart_grpo.yaml",
-                            overrides=[f"output_dir={tmp_path / 'q'}", "train.max_steps=60", "train.log_every=10",
-                                       "train.sample_prompts=[]", "export.formats=[]"])
-    history = result.history
-    assert history["reward"][-1] > history["reward"][0] + 0.25, history["reward"]
-    assert history["rewards/format"][-1] > 0.7
-    completions = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
-    assert len(completions) == 60 * 8 and {c["split"] for c in completions} == {"train"}
-    assert set(completions[0]["rewards"]) == {"format", "answer_match"}
 
 
 def test_a_resumed_run_continues_identically(tmp_path):
