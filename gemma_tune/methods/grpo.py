@@ -208,7 +208,7 @@ class GRPO(Method):
 
     def _forward(self, scorer, rows, size: int) -> np.ndarray:
         """Per-token log-probabilities of `scorer` over the rows, `size` rows at a time."""
-        inputs = {k: rows[k] for k in ("token_ids", "segment_ids", "positions", "target_ids", "loss_mask")}
+        inputs = {k: rows[k] for k in ROW_KEYS}
         out = [np.asarray(scorer.predict_on_batch({k: v[i:i + size] for k, v in inputs.items()}), np.float32)
                for i in range(0, len(rows["token_ids"]), size)]
         return np.concatenate(out)

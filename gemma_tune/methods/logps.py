@@ -32,6 +32,22 @@ def _chunk_logps(hidden, embedding, targets, mask, softcap):
     return ops.sum(logp * mask, axis=-1)
 
 
+def _chunked(caller: str, hidden, per_token: list, chunk_size: int):
+    """(chunk, chunks, hidden, per_token) for cutting the sequence axis into `chunks` of `chunk` positions, about
+    `chunk_size` tokens of all rows together each: hidden [B, T, H] and the [B, T] arrays `per_token` padded at
+    the tail to chunks · chunk (padded positions are zeros: masked out, or cut off by the caller)."""
+    if any(d is None for d in hidden.shape):
+        raise ValueError(f"{caller} needs static shapes to plan its chunks, got hidden states {hidden.shape}")
+    batch, length, _ = hidden.shape
+    chunk = min(max(1, chunk_size // batch), length)
+    chunks = math.ceil(length / chunk)
+    pad = chunks * chunk - length
+    if pad:
+        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        per_token = [ops.pad(a, ((0, 0), (0, pad))) for a in per_token]
+    return chunk, chunks, hidden, per_token
+
+
 def sequence_logps(hidden, embedding, target_ids, loss_mask, *, chunk_size: int = 1024,
                    final_logit_softcap: float | None = None, remat: bool = True):
     """Chunked per-sequence log-probabilities (module docstring) -> (logp_sum [B], count [B]), float32.
@@ -41,19 +57,10 @@ def sequence_logps(hidden, embedding, target_ids, loss_mask, *, chunk_size: int 
     int, loss_mask [B, T] (1 = counted). `chunk_size` is the number of tokens (all rows together) whose
     logits one chunk holds. Shapes must be static.
     """
-    if any(d is None for d in hidden.shape):
-        raise ValueError(f"sequence_logps needs static shapes to plan its chunks, got hidden states {hidden.shape}")
-    batch, length, _ = hidden.shape
-    targets = ops.cast(target_ids, "int32")
-    mask = ops.cast(loss_mask, "float32")
     embedding = ops.cast(embedding, hidden.dtype)
-    chunk = min(max(1, chunk_size // batch), length)
-    chunks = math.ceil(length / chunk)
-    if chunks * chunk != length:  # pad the tail: padded positions have mask 0 and add nothing
-        pad = chunks * chunk - length
-        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = ops.pad(targets, ((0, 0), (0, pad)))
-        mask = ops.pad(mask, ((0, 0), (0, pad)))
+    chunk, chunks, hidden, (targets, mask) = _chunked(  # padded positions have mask 0 and add nothing
+        "sequence_logps", hidden, [ops.cast(target_ids, "int32"), ops.cast(loss_mask, "float32")], chunk_size)
+    batch = hidden.shape[0]
 
     def logps(h, e, t, m):
         return _chunk_logps(h, e, t, m, final_logit_softcap)
@@ -89,17 +96,9 @@ def token_logps(hidden, embedding, target_ids, *, chunk_size: int = 1024, final_
     what online RL's ratio, KL and `entropy` metric are made of (TRL divides the logits by the sampling
     temperature). Chunking and rematerialisation as `sequence_logps`: never [B, T, V] logits at once.
     """
-    if any(d is None for d in hidden.shape):
-        raise ValueError(f"token_logps needs static shapes to plan its chunks, got hidden states {hidden.shape}")
-    batch, length, _ = hidden.shape
-    targets = ops.cast(target_ids, "int32")
+    length = hidden.shape[1]
     embedding = ops.cast(embedding, hidden.dtype)
-    chunk = min(max(1, chunk_size // batch), length)
-    chunks = math.ceil(length / chunk)
-    if chunks * chunk != length:
-        pad = chunks * chunk - length
-        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = ops.pad(targets, ((0, 0), (0, pad)))
+    chunk, chunks, hidden, (targets,) = _chunked("token_logps", hidden, [ops.cast(target_ids, "int32")], chunk_size)
 
     def logps(h, e, t):
         return _chunk_token_logps(h, e, t, final_logit_softcap, temperature)

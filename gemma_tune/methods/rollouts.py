@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from gemma_tune.methods.base import MODEL_INPUTS
 from gemma_tune.train.data import with_counts
 
-log = logging.getLogger("gemma_tune")
-
-ROW_KEYS = ("token_ids", "segment_ids", "positions", "target_ids", "loss_mask")
+ROW_KEYS = MODEL_INPUTS + ("target_ids", "loss_mask")  # a row of the batch contract
 
 
 def completion_rows(prompt_ids: list[list[int]], tokens: np.ndarray, lengths: np.ndarray, width: int) -> dict:
