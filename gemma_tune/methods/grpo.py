@@ -180,9 +180,9 @@ class GRPO(Method):
             old = rows.get("old_logps", per_target(sampled_logps, start, lengths, self.width))
             rewards = kl_penalised_rewards(total, old, rows["ref_logps"], rows["loss_mask"], self.beta)
         rows["advantages"] = self.advantages(rewards) * valid
-        spread = group_std(rewards, G)
-        rows.update(reward=total * valid, reward_std=np.nan_to_num(spread) * valid,
-                    zero_std=np.isclose(np.nan_to_num(spread), 0.0).astype(np.float32) * valid,
+        spread = group_std(total, G)  # of the rewards themselves (RLOO's KL penalty is not a reward), as TRL logs it
+        rows.update(reward=total * valid, reward_std=spread * valid,
+                    zero_std=np.isclose(spread, 0.0).astype(np.float32) * valid,
                     length=lengths.astype(np.float32) * valid, clipped=(~stopped).astype(np.float32) * valid,
                     valid=valid)
         for i, f in enumerate(self.rewards):
