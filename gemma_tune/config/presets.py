@@ -1,18 +1,37 @@
-"""Model presets: `configs/models/<name>.yaml`, each a recipe fragment holding `model.architecture`."""
+"""Model presets: `configs/models/<name>.yaml` of the bundled files (`gemma_tune.config.paths.BUNDLED`), each a
+recipe fragment holding `model.architecture`; and the bundled recipes, `recipes/<name>.yaml`."""
 
 from __future__ import annotations
 
 import difflib
 from functools import lru_cache
+from pathlib import Path
 
 import yaml
 
-from gemma_tune.config.paths import PROJECT_ROOT
+from gemma_tune.config.paths import BUNDLED
 from gemma_tune.errors import ConfigError
 from gemma_tune.models.config import Architecture
 
-CONFIGS_DIR = PROJECT_ROOT / "configs"
-RECIPES_DIR = PROJECT_ROOT / "recipes"
+CONFIGS_DIR = BUNDLED / "configs"
+RECIPES_DIR = BUNDLED / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_file(source: str | Path) -> Path:
+    """The recipe file `source` names: a path (from the current directory, or as the bundled files spell it,
+    `recipes/quickstart.yaml`) or a bundled recipe's name (`quickstart`)."""
+    path = Path(source).expanduser()
+    candidates = [path] if path.is_absolute() else [path, BUNDLED / path, RECIPES_DIR / f"{source}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    close = difflib.get_close_matches(path.stem, recipe_names(), n=3)
+    hint = f"; bundled recipes with a close name: {', '.join(close)}" if close else ""
+    raise ConfigError(f"recipe file not found (nor a bundled recipe of that name){hint}", where=str(source))
 
 
 def preset_names() -> list[str]:

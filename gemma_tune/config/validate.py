@@ -44,9 +44,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
             merged = deep_merge(merged, compose_file(path, provenance), provenance, str(path))
         raw = deep_merge(merged, data, provenance, origin)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError("recipe file not found", where=str(source))
+        path = presets.recipe_file(source)
         origin, recipe_dir = str(path), path.resolve().parent
         raw = compose_file(path, provenance)
     raw = deep_merge(raw, parse_overrides(overrides), provenance, "command-line override")
