@@ -13,6 +13,8 @@ from gemma_tune.errors import EXIT_USER_ERROR, UserError, environment_error
 
 EPILOG = """examples:
   gemma-tune list
+  gemma-tune init my-project
+  gemma-tune env --backend torch
   gemma-tune keys train
   gemma-tune validate recipes/quickstart.yaml
   gemma-tune run recipes/quickstart.yaml --backend torch train.max_steps=50 lora.rank=8
@@ -156,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the bundled recipes and model presets",
                        description="List recipes/ and configs/models/ presets with a line on each.")
     p.set_defaults(handler=_list)
+
+    p = sub.add_parser("init", help="start a project: a recipe and the data it trains on, in DIR",
+                       description="Copy a bundled recipe (its base files merged in) and the bundled data it "
+                                   "names into DIR: DIR/recipe.yaml, DIR/data/. Then: cd DIR && gemma-tune run "
+                                   "recipe.yaml. Nothing already in DIR is overwritten.")
+    p.add_argument("directory", help="the project directory (created if needed)")
+    p.add_argument("--recipe", default="quickstart",
+                   help="the bundled recipe to start from (gemma-tune list; default quickstart)")
+    p.set_defaults(handler=_init)
+
+    p = sub.add_parser("env", help="the backend, its devices and the library versions gemma_tune would use",
+                       description="Print the Keras backend (as `run` chooses it: --backend, else KERAS_BACKEND, "
+                                   "else jax), the devices it sees with their memory, the host and the versions "
+                                   "of keras, keras-hub, jax, torch, tensorflow and gemma_tune.")
+    _add_backend(p)
+    p.set_defaults(handler=_env)
     return parser
 
 
@@ -324,6 +342,23 @@ def _list(args: argparse.Namespace) -> int:
     print("model presets (configs/models/):")
     for name in preset_names():
         print(f"  {name:<22} {preset_description(name)}")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from gemma_tune.starter import init_project
+
+    written = init_project(args.directory, args.recipe)
+    print(f"wrote {written} and its data in {written.parent / 'data'}")
+    print(f"next: cd {written.parent} && gemma-tune run {written.name}")
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from gemma_tune.backend import select_backend
+    from gemma_tune.environment import report
+
+    print("\n".join(report(select_backend(args.backend))))
     return 0
 
 

@@ -9,8 +9,8 @@ deleted), writes the resolved recipe (re-runnable as is) and the manifest atomic
 (a directory it created is removed again).
 
 manifest.json holds what is needed to reproduce or audit a run: package versions, backend and
-devices, seed, git commit (when the working directory is inside a git repository), the command, and
-SHA-256 fingerprints of the local data files.
+devices (`gemma_tune.environment`), seed, git commit (when the working directory is inside a git repository), the command, and
+SHA-256 fingerprints of the local data files and tokenizer.
 
 What a run directory holds (`MANAGED`): recipe.yaml, manifest.json, logs/run.log, metrics.jsonl and
 metrics.csv, tensorboard/, samples.jsonl, completions.jsonl (online RL), loss_curve.png, summary.json, checkpoints/step_N/,
@@ -25,11 +25,9 @@ import json
 import logging
 import logging.handlers
 import os
-import platform
 import shutil
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -37,12 +35,11 @@ import yaml
 from gemma_tune.config.paths import is_remote
 from gemma_tune.config.schema import Recipe
 from gemma_tune.console import use_console
+from gemma_tune.environment import environment
 from gemma_tune.errors import environment_error
 from gemma_tune.runlock import LOCK_FILE, RunLock
 from gemma_tune.tempfiles import atomic_file, remove_stale
 
-PACKAGES = ("gemma_tune", "keras", "keras-hub", "jax", "jaxlib", "tensorflow", "torch", "numpy", "datasets",
-            "safetensors", "sentencepiece", "huggingface_hub", "kagglehub", "pydantic")
 MANAGED = ("recipe.yaml", "manifest.json", "logs", "metrics.jsonl", "metrics.csv", "tensorboard", "samples.jsonl",
            "completions.jsonl", "reference",
            "loss_curve.png", "summary.json", "checkpoints", "exports")
@@ -170,39 +167,13 @@ def manifest(recipe: Recipe, backend: str) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
         "seed": recipe.seed,
-        "backend": backend,
-        "devices": _devices(backend),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES if _version(name)},
+        **environment(backend),
         "git": _git_state(Path.cwd()),
         "data": {split: _fingerprint(source.path) for split in ("train", "eval")
                  if (source := getattr(recipe.data, split)) is not None},
+        "tokenizer": _fingerprint(recipe.model.tokenizer) if recipe.model.tokenizer else None,
         "weights": recipe.model.weights,
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _devices(backend: str) -> list[str]:
-    """Devices the backend sees. Reads only libraries that are already imported or cheap to import."""
-    if backend == "jax":
-        import jax
-
-        return [str(d) for d in jax.devices()]
-    if backend == "torch":
-        import torch
-
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return gpus or ["cpu"]
-    import tensorflow as tf
-
-    return [d.name for d in tf.config.list_logical_devices()]
 
 
 def _git_state(where: Path) -> dict | None:

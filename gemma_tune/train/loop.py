@@ -58,6 +58,7 @@ def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dic
 
 def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     from gemma_tune.data import prepare
+    from gemma_tune.environment import report
     from gemma_tune.methods import build_method
     from gemma_tune.models import count_params, trained_model
     from gemma_tune.train import checkpoint, measure, resume as resuming
@@ -72,6 +73,8 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
 
     run_dir = held.path
     log.info("run %s on %s -> %s", recipe.name, backend, run_dir)
+    for line in report(backend):
+        log.info("%s", line)
     start = resuming.plan(held, recipe, resume)
     lm, tokenizer = build_for_recipe(recipe)
     data = prepare(recipe.data, tokenizer, recipe.seed, architecture=lm.architecture)
