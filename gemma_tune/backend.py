@@ -41,8 +41,9 @@ class _NoTensorFlow:
 
 
 def set_random_seed(seed: int) -> None:
-    """Seed Python's and NumPy's random state, torch's (on torch) and Keras' global seed generator, as
-    `keras.utils.set_random_seed` does; TensorFlow's only when it is the backend or already imported.
+    """Seed gemma_tune's host-drawn initial weights (`gemma_tune.models.init`); Python's and NumPy's random
+    state, torch's (on torch) and Keras' global seed generator, as `keras.utils.set_random_seed` does;
+    TensorFlow's only when it is the backend or already imported.
 
     gemma_tune draws from TensorFlow's random state only in tf.data pipelines, which it builds on the
     TensorFlow backend alone. Elsewhere Keras' own function runs with its handle on TensorFlow (the
@@ -51,6 +52,9 @@ def set_random_seed(seed: int) -> None:
     import keras
     from keras.src.utils import rng_utils
 
+    from gemma_tune.models.init import seed_initialisers
+
+    seed_initialisers(seed)
     if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
         keras.utils.set_random_seed(seed)
         return

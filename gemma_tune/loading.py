@@ -247,7 +247,7 @@ def _load_run_checkpoint(run_dir: Path, checkpoint_dir: Path, stated: _Stated | 
     if recipe.model.weights is not None:  # the base's architecture (and file layout) come from its weights
         model = load_model(recipe.model.weights, dtype=dtype, architecture=recipe_architecture(recipe))
     else:
-        model = build_model(recipe_architecture(recipe), dtype=dtype)
+        model = build_model(recipe_architecture(recipe), dtype=dtype, random_init=False)
     _check(model.architecture, stated, str(run_dir))
     add_recipe_adapters(model, recipe)
     model.checkpoint_source = recipe.model.weights or ""  # a random-init base has no source

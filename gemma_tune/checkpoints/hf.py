@@ -193,7 +193,7 @@ def load_hf_checkpoint(checkpoint_dir: str | Path, dtype: str = "float32", archi
     config_path = checkpoint_dir / "config.json"
     config = read_config_file(config_path)
     arch = architecture or architecture_from_hf(config, where=str(config_path))
-    model = build_model(arch, dtype=dtype)
+    model = build_model(arch, dtype=dtype, random_init=False)
     if is_sequence_classifier(config, where=str(config_path)):
         model = RewardModel(model)
     assign_hf_tensors(model, checkpoint_dir, multimodal=is_multimodal(config))

@@ -533,7 +533,7 @@ def load_keras_hub_preset(path, dtype: str = "float32", text_only: bool = False)
             if tower is not None:
                 aside |= {v.path for v in tower.weights}
     theirs = {v.path: v for v in backbone.weights if v.path not in aside}
-    model = build_model(arch, dtype=dtype)
+    model = build_model(arch, dtype=dtype, random_init=False)
     used = set()
     for ours_path, their_path, layout in tensors(arch):
         if their_path not in theirs:

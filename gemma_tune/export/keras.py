@@ -37,7 +37,7 @@ def exported_model(model, dtype: str | None = None):
     from gemma_tune.models import build_model, float_weight, get_variable
 
     clone = build_model(model.architecture, dtype=dtype or model.dtype_policy.name,
-                        attention_implementation=model.attention_implementation)
+                        attention_implementation=model.attention_implementation, random_init=False)
     for path, _, _ in tensors(model.architecture):
         target = get_variable(clone, path)
         target.assign(keras.ops.cast(float_weight(model, path), target.dtype))

@@ -93,7 +93,7 @@ class GRPO(Method):
             return lm
         from gemma_tune.models import build_model
 
-        copy = build_model(lm.architecture, dtype=lm.dtype_policy.name)
+        copy = build_model(lm.architecture, dtype=lm.dtype_policy.name, random_init=False)
         for target, source in zip(copy.variables, lm.variables):  # own buffers: JAX's predict donates its inputs
             target.assign(ops.copy(source.value))
         copy.trainable = False

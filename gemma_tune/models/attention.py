@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from gemma_tune.models.layers import RMSNorm, apply_rope, rope_angles
+from gemma_tune.models.init import HostNormal
 from gemma_tune.models.projection import Projection
 
 MASKED_LOGIT = -1e30
@@ -171,7 +172,7 @@ class GemmaAttention(keras.layers.Layer):
         self.qk_norm = qk_norm
         self.rms_norm_eps = rms_norm_eps
         self.implementation = implementation
-        init = keras.initializers.RandomNormal(stddev=0.02)
+        init = HostNormal(stddev=0.02)
         policy = self.dtype_policy
         self.q_proj = Projection(num_heads * head_dim, kernel_initializer=init, dtype=policy, name="q_proj")
         self.k_proj = Projection(num_kv_heads * head_dim, kernel_initializer=init, dtype=policy, name="k_proj")

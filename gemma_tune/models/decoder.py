@@ -33,6 +33,7 @@ from keras import ops
 
 from gemma_tune.models.attention import GemmaAttention, attention_mask
 from gemma_tune.models.config import Architecture
+from gemma_tune.models.init import HostNormal, no_initial_draws
 from gemma_tune.models.layers import GatedMLP, RMSNorm
 from gemma_tune.models.vision import VisionEmbedder, attention_blocks, merge_images
 
@@ -107,7 +108,7 @@ class GemmaCausalLM(keras.Model):
         # aligned with E[v] reaches logits of order √d_model, so even a frozen random head can be fitted.
         self.token_embedding = keras.layers.Embedding(
             arch.vocab_size, arch.hidden_size,
-            embeddings_initializer=keras.initializers.RandomNormal(stddev=arch.hidden_size ** -0.5),
+            embeddings_initializer=HostNormal(stddev=arch.hidden_size ** -0.5),
             dtype=policy, name="token_embedding")
         self.blocks = [DecoderBlock(arch.model_dump(), i, attention_implementation, dtype=policy,
                                     name=f"block_{i}") for i in range(arch.num_layers)]
@@ -236,8 +237,14 @@ class GemmaCausalLM(keras.Model):
         return cls(**config)
 
 
-def build_model(arch: Architecture, dtype: str = "float32", attention_implementation: str = "auto") -> GemmaCausalLM:
-    """A randomly initialised `GemmaCausalLM`. `dtype`: a Keras dtype policy name ("float32",
-    "bfloat16", "mixed_bfloat16", "mixed_float16")."""
+def build_model(arch: Architecture, dtype: str = "float32", attention_implementation: str = "auto",
+                random_init: bool = True) -> GemmaCausalLM:
+    """A `GemmaCausalLM`, randomly initialised on the host (`gemma_tune.models.init`: the same weights on every
+    backend for the same seed), or with zeros and no draws (`random_init=False`) for a model whose weights
+    are then all read from a checkpoint. `dtype`: a Keras dtype policy name ("float32", "bfloat16",
+    "mixed_bfloat16", "mixed_float16")."""
+    if not random_init:
+        with no_initial_draws():
+            return build_model(arch, dtype, attention_implementation)
     return GemmaCausalLM(arch, attention_implementation=attention_implementation, dtype=dtype,
                          name="gemma_causal_lm")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from gemma_tune.models.init import HostNormal
 from gemma_tune.models.projection import Projection
 
 
@@ -63,7 +64,7 @@ class GatedMLP(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        init = keras.initializers.RandomNormal(stddev=0.02)
+        init = HostNormal(stddev=0.02)
         self.gate_proj = Projection(intermediate_size, kernel_initializer=init, dtype=self.dtype_policy,
                                     name="gate_proj")
         self.up_proj = Projection(intermediate_size, kernel_initializer=init, dtype=self.dtype_policy,

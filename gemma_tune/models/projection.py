@@ -17,6 +17,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from gemma_tune.models.init import he_uniform
+
 
 @keras.saving.register_keras_serializable(package="gemma_tune")
 class Projection(keras.layers.Dense):
@@ -28,10 +30,12 @@ class Projection(keras.layers.Dense):
         self.lora_dropout = lora_dropout
         self.lora_dropout_seed = None
 
-    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros",
+    def enable_lora(self, rank, lora_alpha=None, a_initializer=None, b_initializer="zeros",
                     dropout: float | None = None):
         """Keras' LoRA variables, plus the seed state of LoRA dropout when `dropout` (or the configured
-        `lora_dropout`) is positive."""
+        `lora_dropout`) is positive. A is He uniform drawn on the host (`gemma_tune.models.init`) unless
+        `a_initializer` says otherwise; B is zeros."""
+        a_initializer = a_initializer or he_uniform()
         if lora_alpha is None:  # Dense.build re-enables a deserialised LoRA with the rank alone
             lora_alpha = self.lora_alpha
         super().enable_lora(rank, lora_alpha=lora_alpha, a_initializer=a_initializer, b_initializer=b_initializer)

@@ -19,12 +19,15 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from gemma_tune.models.init import glorot_uniform
+
 SCORE = "score"  # the head's name: the method's layer, the RewardModel attribute, the HF module
 
 
 def score_head(hidden_size: int) -> keras.layers.Dense:
     """A built, float32 scalar head for hidden states of width `hidden_size` (kernel path `score/kernel`)."""
-    head = keras.layers.Dense(1, use_bias=False, name=SCORE, dtype="float32")
+    head = keras.layers.Dense(1, use_bias=False, kernel_initializer=glorot_uniform(), name=SCORE,
+                              dtype="float32")
     head.build((None, hidden_size))
     return head
 

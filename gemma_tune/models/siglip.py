@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from gemma_tune.models.config import VisionArchitecture
+from gemma_tune.models.init import HostUniform, glorot_uniform
 
 
 class SigLIPAttention(keras.layers.Layer):
@@ -28,10 +29,14 @@ class SigLIPAttention(keras.layers.Layer):
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         policy = self.dtype_policy
-        self.q_proj = keras.layers.Dense(hidden_size, dtype=policy, name="q_proj")
-        self.k_proj = keras.layers.Dense(hidden_size, dtype=policy, name="k_proj")
-        self.v_proj = keras.layers.Dense(hidden_size, dtype=policy, name="v_proj")
-        self.o_proj = keras.layers.Dense(hidden_size, dtype=policy, name="o_proj")
+        self.q_proj = keras.layers.Dense(hidden_size, kernel_initializer=glorot_uniform(), dtype=policy,
+                                          name="q_proj")
+        self.k_proj = keras.layers.Dense(hidden_size, kernel_initializer=glorot_uniform(), dtype=policy,
+                                          name="k_proj")
+        self.v_proj = keras.layers.Dense(hidden_size, kernel_initializer=glorot_uniform(), dtype=policy,
+                                          name="v_proj")
+        self.o_proj = keras.layers.Dense(hidden_size, kernel_initializer=glorot_uniform(), dtype=policy,
+                                          name="o_proj")
 
     def build(self, input_shape):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
@@ -60,8 +65,10 @@ class SigLIPLayer(keras.layers.Layer):
         self.layer_norm1 = keras.layers.LayerNormalization(epsilon=eps, dtype=policy, name="layer_norm1")
         self.attention = SigLIPAttention(arch.hidden_size, arch.num_heads, dtype=policy, name="attention")
         self.layer_norm2 = keras.layers.LayerNormalization(epsilon=eps, dtype=policy, name="layer_norm2")
-        self.fc1 = keras.layers.Dense(arch.intermediate_size, dtype=policy, name="fc1")
-        self.fc2 = keras.layers.Dense(arch.hidden_size, dtype=policy, name="fc2")
+        self.fc1 = keras.layers.Dense(arch.intermediate_size, kernel_initializer=glorot_uniform(), dtype=policy,
+                                      name="fc1")
+        self.fc2 = keras.layers.Dense(arch.hidden_size, kernel_initializer=glorot_uniform(), dtype=policy,
+                                      name="fc2")
 
     def build(self, input_shape):
         for layer in (self.layer_norm1, self.attention, self.layer_norm2, self.fc1):
@@ -87,9 +94,10 @@ class SigLIPEncoder(keras.layers.Layer):
         self.num_patches = arch.patches_per_side ** 2
         self.patch_embedding = keras.layers.Conv2D(
             arch.hidden_size, arch.patch_size, strides=arch.patch_size, padding="valid",
-            data_format="channels_last", dtype=policy, name="patch_embedding")
-        self.position_embedding = keras.layers.Embedding(self.num_patches, arch.hidden_size, dtype=policy,
-                                                         name="position_embedding")
+            data_format="channels_last", kernel_initializer=glorot_uniform(), dtype=policy, name="patch_embedding")
+        self.position_embedding = keras.layers.Embedding(self.num_patches, arch.hidden_size,
+                                                         embeddings_initializer=HostUniform(limit=0.05),
+                                                         dtype=policy, name="position_embedding")
         self.layers = [SigLIPLayer(self.vision, dtype=policy, name=f"layer_{i}") for i in range(arch.num_layers)]
         self.post_layernorm = keras.layers.LayerNormalization(epsilon=arch.layer_norm_eps, dtype=policy,
                                                               name="post_layernorm")

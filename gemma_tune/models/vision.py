@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from gemma_tune.models.config import Architecture
+from gemma_tune.models.init import glorot_uniform
 from gemma_tune.models.layers import RMSNorm
 from gemma_tune.models.siglip import SigLIPEncoder
 
@@ -41,8 +42,8 @@ class VisionEmbedder(keras.layers.Layer):
         self.encoder = SigLIPEncoder(vision.model_dump(), dtype=policy, name="encoder")
         self.soft_embedding_norm = (RMSNorm(vision.layer_norm_eps, dtype=policy, name="soft_embedding_norm")
                                     if arch.family == "gemma3" else None)
-        self.projector = keras.layers.Dense(arch.hidden_size, use_bias=arch.family != "gemma3", dtype=policy,
-                                            name="projector")
+        self.projector = keras.layers.Dense(arch.hidden_size, use_bias=arch.family != "gemma3",
+                                            kernel_initializer=glorot_uniform(), dtype=policy, name="projector")
 
     def build(self, input_shape=None):
         self.encoder.build()
