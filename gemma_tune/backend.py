@@ -1,4 +1,5 @@
-"""Choosing the Keras backend (before Keras is first imported), and seeding it.
+"""Choosing the Keras backend (before Keras is first imported), seeding it, and restricting it to
+deterministic kernels (`use_deterministic_kernels`).
 
 Precedence: an explicit choice (CLI --backend or the recipe's `backend:`), then the KERAS_BACKEND
 environment variable, then jax.
@@ -34,6 +35,47 @@ def select_backend(requested: str | None) -> str:
         return backend
     os.environ["KERAS_BACKEND"] = backend
     return backend
+
+
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+CUBLAS_WORKSPACE = ":4096:8"  # what torch's deterministic cuBLAS needs
+_TENSORFLOW_DETERMINISM = [False]
+
+
+def use_deterministic_kernels(backend: str) -> None:
+    """Restrict `backend` to deterministic kernels (`train.deterministic`; `deterministic_kernels` says what
+    is set).
+
+    JAX: XLA_FLAGS gains --xla_gpu_deterministic_ops=true (XLA reads it when JAX starts its GPU backend, so
+    this must come before the process first uses a device). TensorFlow: `enable_op_determinism()`. torch:
+    `use_deterministic_algorithms(True)` with CUBLAS_WORKSPACE_CONFIG set (before CUDA starts). All three
+    matter on accelerators only: on CPUs these backends' kernels already repeat bit for bit.
+    """
+    if backend == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if DETERMINISTIC_XLA_FLAG not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_XLA_FLAG}".strip()
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        _TENSORFLOW_DETERMINISM[0] = True  # TensorFlow has no public way to ask
+    else:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+
+
+def deterministic_kernels(backend: str) -> str:
+    """Whether `backend` is restricted to deterministic kernels in this process, and by what."""
+    if backend == "jax":
+        return "on (XLA_FLAGS)" if DETERMINISTIC_XLA_FLAG in os.environ.get("XLA_FLAGS", "") else "off"
+    if backend == "tensorflow":
+        return "on (enable_op_determinism)" if _TENSORFLOW_DETERMINISM[0] else "off"
+    import torch
+
+    return "on (use_deterministic_algorithms)" if torch.are_deterministic_algorithms_enabled() else "off"
 
 
 class _NoTensorFlow:

@@ -14,6 +14,8 @@ import platform
 import sys
 from importlib import metadata
 
+from gemma_tune.backend import deterministic_kernels
+
 PACKAGES = ("gemma_tune", "keras", "keras-hub", "jax", "jaxlib", "tensorflow", "torch", "numpy", "datasets",
             "safetensors", "sentencepiece", "huggingface_hub", "kagglehub", "pydantic")
 REPORTED = ("gemma_tune", "keras", "keras-hub", "jax", "jaxlib", "torch", "tensorflow")  # in `report`
@@ -95,4 +97,5 @@ def report(backend: str, record: dict | None = None) -> list[str]:
     cores = os.cpu_count()
     lines.append(f"host      {record['platform']}, {record['cpu']} ({cores} cores), Python {record['python']}")
     lines.append("versions  " + ", ".join(f"{name} {packages[name]}" for name in REPORTED if name in packages))
+    lines.append(f"kernels   deterministic {deterministic_kernels(record['backend'])} (train.deterministic)")
     return lines

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from gemma_tune.backend import select_backend, set_random_seed
+from gemma_tune.backend import select_backend, set_random_seed, use_deterministic_kernels
 from gemma_tune.config import Recipe, load_recipe
 from gemma_tune.config.validate import check_backend_support
 
@@ -35,6 +35,8 @@ def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str
         recipe = load_recipe(recipe, overrides)
     recipe.backend = select_backend(backend or recipe.backend)
     check_backend_support(recipe, recipe.backend)
+    if recipe.train.deterministic:
+        use_deterministic_kernels(recipe.backend)
     set_random_seed(recipe.seed)
     from gemma_tune.train import train
 

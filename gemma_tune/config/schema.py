@@ -151,6 +151,10 @@ class TrainSection(Section):
                                                                "scales and biases excluded); 0 = none")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm to this; "
                                                                        "null = no clipping")
+    deterministic: bool = Field(default=False, description="use only deterministic kernels on accelerators "
+                                "(JAX: XLA_FLAGS --xla_gpu_deterministic_ops; TensorFlow: enable_op_determinism; "
+                                "torch: use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): the same recipe and seed "
+                                "repeat bit for bit on one GPU too, at some speed; on CPUs runs already are")
     remat: bool = Field(default=False, description="recompute each block in the backward pass: less memory, more "
                                                    "compute")
     eval_every: int | None = Field(default=None, gt=0, description="optimisation steps between evaluations (and "
