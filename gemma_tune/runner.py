@@ -23,13 +23,15 @@ class RunResult:
 
 
 def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str] = (), *,
-        backend: str | None = None, resume: bool | None = None) -> RunResult:
+        backend: str | None = None, resume: bool | None = None, callbacks: Iterable = ()) -> RunResult:
     """Run a recipe (a YAML path, a dict shaped like the YAML, or a loaded `Recipe`).
 
     `overrides` are dotted `key=value` strings as on the command line; `backend` wins over the recipe's
     `backend:`; `resume=None` continues the run directory's run when it is the same run, True requires a
     checkpoint (and allows changed optimisation settings), False starts afresh, moving a previous run
-    aside (the rule: gemma_tune/train/resume.py).
+    aside (the rule: gemma_tune/train/resume.py). `callbacks`: extra Keras callbacks for `fit`, called
+    after the run's own ones, once per micro-batch (`gemma_tune.train.train`; e.g. the notebooks' progress
+    bar, `gemma_tune.notebook.progress_bar()`).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -40,6 +42,6 @@ def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str
     set_random_seed(recipe.seed)
     from gemma_tune.train import train
 
-    outcome = train(recipe, resume=resume)
+    outcome = train(recipe, resume=resume, callbacks=callbacks)
     return RunResult(run_dir=Path(outcome["summary"]["run_dir"]), history=outcome["history"],
                      exports=outcome.get("exports", {}))
