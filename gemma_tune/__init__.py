@@ -26,6 +26,7 @@ _LAZY = {
     "Recipe": "gemma_tune.config",
     "load_model": "gemma_tune.loading", "load_model_and_tokenizer": "gemma_tune.loading",
     "score": "gemma_tune.scoring", "Scores": "gemma_tune.scoring",
+    "repro": "gemma_tune.reproduce", "ReproResult": "gemma_tune.reproduce",
 }
 
 __all__ = sorted(_LAZY) + ["register_keras_objects"]

@@ -21,6 +21,7 @@ EPILOG = """examples:
   gemma-tune export runs/quickstart --format safetensors --out exports/quickstart-hf
   gemma-tune generate runs/quickstart --prompt "What is 2 plus 3?"
   gemma-tune score runs/reward --data pairs.jsonl
+  gemma-tune repro tests/golden/quickstart --steps 6
 """
 
 
@@ -148,6 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut longer sequences to their first N tokens (default: the model's context)")
     _add_model_loading(p)
     p.set_defaults(handler=_score)
+
+    p = sub.add_parser("repro", help="re-run a stored run and compare its metrics step by step",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Re-run RUN_DIR's resolved recipe (recipe.yaml) in a fresh directory, exports off,\n"
+                                   "and compare every recorded metric (metrics.jsonl: loss, eval and method metrics,\n"
+                                   "learning rate; not timing or memory) step by step. First, before any compute,\n"
+                                   "manifest.json is checked against this environment (package versions, CPU,\n"
+                                   "devices, backend, seed, data and tokenizer fingerprints): each difference is a\n"
+                                   "warning, with --strict an error. Recorded paths missing here are looked up by\n"
+                                   "their trailing parts under the current directory, RUN_DIR's parents and the\n"
+                                   "bundled files. Exit 0: within tolerance; 1: outside it (or, with --strict, a\n"
+                                   "different environment); 2: bad input.",
+                       epilog="tolerance (relative difference = |now - recorded| / max(|recorded|, 1e-12)):\n"
+                              "  rtol 0 (bit-identical) when the backend, the CPU model, the devices and every\n"
+                              "  package version are the recorded ones and the devices are CPUs; otherwise\n"
+                              "  (another backend, version or CPU, or an accelerator) 1e-3. The report says\n"
+                              "  which applies and why; --rtol always wins.\n"
+                              "example:\n"
+                              "  gemma-tune repro tests/golden/quickstart --steps 6 --backend torch")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory: recipe.yaml, manifest.json, metrics.jsonl")
+    p.add_argument("--steps", type=int, default=None,
+                   help="re-run the first N optimisation steps (the schedule unchanged; default: every recorded step)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: 0 or 1e-3, above)")
+    p.add_argument("--strict", action="store_true",
+                   help="an environment difference is an error: exit 1 before anything is re-run")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory of the re-run, kept (default: a temporary one, removed)")
+    p.add_argument("--all", action="store_true", help="print every compared value (default: loss and failures)")
+    p.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None,
+                   help="Keras backend of the re-run (default: the recorded one)")
+    p.set_defaults(handler=_repro)
 
     p = sub.add_parser("keys", help="every recipe key with its type, default and meaning",
                        description="Print the recipe schema: each key's dotted path, type, default and meaning. "
@@ -322,6 +354,15 @@ def _score(args: argparse.Namespace) -> int:
     right = sum(chosen > rejected for chosen, rejected in zip(result.chosen, result.rejected))
     print(f"accuracy {result.accuracy:.6f} ({right} of {len(result.chosen)} pairs scored chosen > rejected)")
     return 0
+
+
+def _repro(args: argparse.Namespace) -> int:
+    from gemma_tune.reproduce import repro, report
+
+    result = repro(args.run_dir, steps=args.steps, rtol=args.rtol, backend=args.backend, strict=args.strict,
+                   out=args.out)
+    print(report(result, all_rows=args.all))
+    return 0 if result.passed else 1
 
 
 def _keys(args: argparse.Namespace) -> int:
