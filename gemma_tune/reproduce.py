@@ -49,7 +49,7 @@ from gemma_tune.config.paths import BUNDLED, is_remote
 from gemma_tune.config.schema import Recipe
 from gemma_tune.console import use_console
 from gemma_tune.errors import UserError
-from gemma_tune.rundir import _fingerprint, is_run_dir
+from gemma_tune.rundir import fingerprint, is_run_dir
 
 log = logging.getLogger("gemma_tune")
 
@@ -293,7 +293,7 @@ def environment_differences(manifest: dict, recipe: dict, now: dict) -> list[Dif
               ("devices", _devices(manifest.get("devices") or []), _devices(now["devices"])),
               ("backend", manifest.get("backend"), now["backend"]),
               ("seed", manifest.get("seed"), recipe.get("seed"))]
-    pairs += [(name, _contents(_recorded_fingerprint(manifest, name)), _contents(_fingerprint(path)))
+    pairs += [(name, _contents(_recorded_fingerprint(manifest, name)), _contents(fingerprint(path)))
               for name, key in FINGERPRINTED.items() if (path := _get(recipe, key))]
     return [Difference(key, _shown(before), _shown(after)) for key, before, after in pairs if before != after]
 

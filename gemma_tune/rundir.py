@@ -169,9 +169,9 @@ def manifest(recipe: Recipe, backend: str) -> dict:
         "seed": recipe.seed,
         **environment(backend),
         "git": _git_state(Path.cwd()),
-        "data": {split: _fingerprint(source.path) for split in ("train", "eval")
+        "data": {split: fingerprint(source.path) for split in ("train", "eval")
                  if (source := getattr(recipe.data, split)) is not None},
-        "tokenizer": _fingerprint(recipe.model.tokenizer) if recipe.model.tokenizer else None,
+        "tokenizer": fingerprint(recipe.model.tokenizer) if recipe.model.tokenizer else None,
         "weights": recipe.model.weights,
     }
 
@@ -187,7 +187,7 @@ def _git_state(where: Path) -> dict | None:
         return None
 
 
-def _fingerprint(path: str) -> dict:
+def fingerprint(path: str) -> dict:
     """SHA-256 over a local file, or over a directory's files (names and contents, sorted)."""
     if is_remote(path) or not Path(path).exists():
         return {"source": path}
