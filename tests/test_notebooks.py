@@ -90,10 +90,20 @@ def images_shown(nb: nbformat.NotebookNode) -> int:
 
 def progress_drawn(nb: nbformat.NotebookNode, description: str, total: int) -> bool:
     """Whether the progress bar `description` reached `total` batches: tqdm's text bar, or its widget where
-    ipywidgets is installed."""
+    ipywidgets is installed (a display of the bar's box, whose last state nbclient keeps in the metadata)."""
     text = "".join(o.get("text", "") for o in outputs(nb) if o.output_type == "stream")
-    widgets = any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nb))
-    return re.search(rf"{description}: 100%\|\S*\| {total}/{total} \[", text) is not None or widgets
+    if re.search(rf"{description}: 100%\|\S*\| {total}/{total} \[", text):
+        return True
+    states = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    for o in outputs(nb):
+        view = o.get("data", {}).get("application/vnd.jupyter.widget-view+json")
+        if view and o["data"].get("text/plain", "").startswith(f"{description}:"):
+            box = states[view["model_id"]]["state"]
+            parts = [states[child.removeprefix("IPY_MODEL_")]["state"] for child in box["children"]]
+            if any(part["_model_name"] == "FloatProgressModel" and part["value"] == part["max"] == total
+                   for part in parts):
+                return True
+    return False
 
 
 def train_losses(run_dir: Path) -> list[float]:
