@@ -11,15 +11,12 @@ from gemma_tune.tempfiles import atomic_file
 
 def plot_loss(rows: list[dict], path: Path, label: str = "loss", key: str = "loss") -> Path | None:
     """Train (and eval) `key` (the method's curve: the loss, online RL's reward) against step as a PNG
-    (matplotlib, Agg), the y axis called `label`; None when nothing was logged."""
+    (a matplotlib Figure, saved through Agg), the y axis called `label`; None when nothing was logged."""
     train = [(r["step"], r[key]) for r in rows if r["split"] == "train" and r.get(key) is not None]
     evals = [(r["step"], r[key]) for r in rows if r["split"] == "eval" and r.get(key) is not None]
     if not train and not evals:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # not pyplot: the process's matplotlib backend (a notebook's) is left alone
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
