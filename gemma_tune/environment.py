@@ -1,7 +1,7 @@
 """What gemma_tune runs on: the backend, its devices and the versions of the libraries that matter.
 
 `environment(backend)` is the record (the run manifest's `backend`, `devices`, `python`, `platform`, `cpu`
-and `packages`); `report(backend)` the lines `gemma-tune env`, the start of every run and the notebooks
+(model name and a digest of its feature flags) and `packages`); `report(backend)` the lines `gemma-tune env`, the start of every run and the notebooks
 print. Versions come from the installed distributions' metadata, so no backend but the active one is
 imported; devices are those the active backend sees, each with its memory where the backend reports it
 (an accelerator's total memory; for the CPU, the host's).
@@ -9,6 +9,7 @@ imported; devices are those the active backend sees, each with its memory where 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -40,15 +41,21 @@ def host_memory_bytes() -> int | None:
 
 
 def cpu_model() -> str:
-    """The host processor's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    """The host processor: its model name and a digest of its feature flags (/proc/cpuinfo on Linux: compilers
+    such as XLA:CPU generate code for the features they find, so two CPUs of one name may not compute the same
+    bits), else what `platform` knows."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = hashlib.sha256(" ".join(sorted(fields.get("flags", "").split())).encode()).hexdigest()[:8]
+    return f"{fields['model name']} (features {flags})"
 
 
 def devices(backend: str) -> list[dict]:
