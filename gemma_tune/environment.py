@@ -59,14 +59,15 @@ def cpu_model() -> str:
 
 
 def devices(backend: str) -> list[dict]:
-    """[{kind: cpu|gpu|tpu, name, memory_bytes (None where unknown)}] for the devices `backend` sees."""
+    """[{kind: cpu|gpu|tpu, name, memory_bytes (None where unknown)}] for the devices `backend` sees; a CPU is
+    named "cpu" on every backend (the processor itself is `cpu_model`)."""
     if backend == "jax":
         import jax
 
         found = []
         for d in jax.devices():
             stats = (d.memory_stats() or {}) if d.platform != "cpu" else {}
-            found.append({"kind": d.platform, "name": str(d) if d.platform == "cpu" else d.device_kind,
+            found.append({"kind": d.platform, "name": "cpu" if d.platform == "cpu" else d.device_kind,
                           "memory_bytes": stats.get("bytes_limit") if d.platform != "cpu" else host_memory_bytes()})
         return found
     if backend == "torch":
@@ -82,7 +83,8 @@ def devices(backend: str) -> list[dict]:
     for d in tf.config.list_physical_devices():
         kind = d.device_type.lower()
         name = tf.config.experimental.get_device_details(d).get("device_name", d.name) if kind == "gpu" else d.name
-        found.append({"kind": kind, "name": name, "memory_bytes": host_memory_bytes() if kind == "cpu" else None})
+        found.append({"kind": kind, "name": "cpu" if kind == "cpu" else name,
+                      "memory_bytes": host_memory_bytes() if kind == "cpu" else None})
     return found
 
 
