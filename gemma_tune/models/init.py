@@ -20,6 +20,7 @@ weight is then read from a checkpoint (drawing a 27B model on the host would tak
 
 from __future__ import annotations
 
+import abc
 import math
 import random
 from contextlib import contextmanager
@@ -54,7 +55,9 @@ def _fans(shape) -> tuple[int, int]:
     return shape[-2] * receptive, shape[-1] * receptive
 
 
-class _HostInitializer(keras.initializers.Initializer):
+class _HostInitializer(keras.initializers.Initializer, abc.ABC):
+    """Zeros within `no_initial_draws`, else `draw(np.random.default_rng([seed, call]), shape)`."""
+
     def __init__(self, seed: int | None = None):
         self.seed = _SEEDS.randint(1, 10 ** 9) if seed is None else int(seed)
         self._calls = 0
@@ -67,8 +70,9 @@ class _HostInitializer(keras.initializers.Initializer):
         self._calls += 1
         return keras.ops.convert_to_tensor(self.draw(rng, shape), dtype=dtype)
 
+    @abc.abstractmethod
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-        raise NotImplementedError  # each subclass's distribution
+        """float32 values of `shape` from the subclass's distribution."""
 
     def get_config(self):
         return {"seed": self.seed}
