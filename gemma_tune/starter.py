@@ -33,15 +33,16 @@ def _get(tree: dict, keys: tuple[str, ...]):
     return tree
 
 
-def _bundled_data_dir(entry: str, origin: Path) -> Path | None:
-    """The bundled `data/<set>` directory holding the path `entry` names, or None (remote, or not bundled)."""
+def _bundled_data(entry: str, origin: Path) -> tuple[Path, Path] | None:
+    """(the bundled `data/<set>` directory holding the path `entry` names, that path), or None (remote, or not
+    bundled)."""
     if is_remote(entry):
         return None
     found = resolve_existing(entry, relative_to=origin)
     data_root = (BUNDLED / "data").resolve()
     if found is None or data_root not in found.parents:
         return None
-    return data_root / found.relative_to(data_root).parts[0]
+    return data_root / found.relative_to(data_root).parts[0], found
 
 
 def _set(tree: dict, keys: tuple[str, ...], value: str) -> None:
@@ -81,10 +82,10 @@ def init_project(directory: str | Path, recipe: str = "quickstart") -> Path:
     copies = set()
     for keys in PATH_KEYS:
         entry = _get(raw, keys)
-        data_dir = _bundled_data_dir(entry, source.parent) if isinstance(entry, str) else None
-        if data_dir is not None:
+        bundled = _bundled_data(entry, source.parent) if isinstance(entry, str) else None
+        if bundled is not None:
+            data_dir, found = bundled
             copies.add(data_dir)
-            found = resolve_existing(entry, relative_to=source.parent)
             _set(raw, keys, found.relative_to(BUNDLED.resolve()).as_posix())
     for data_dir in sorted(copies):
         if (target / "data" / data_dir.name).exists():
