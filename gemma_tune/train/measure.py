@@ -31,23 +31,10 @@ def flops_per_token(total_params: int, trainable_params: int, arch, seq_len: int
 
 
 def accelerator() -> str | None:
-    """Name of the first accelerator the backend uses, or None on CPU."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
+    """Name of the first accelerator the backend uses (`gemma_tune.environment.devices`), or None on CPU."""
+    from gemma_tune.environment import devices
 
-        device = jax.devices()[0]
-        return None if device.platform == "cpu" else device.device_kind
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    return next((d["name"] for d in devices(keras.backend.backend()) if d["kind"] != "cpu"), None)
 
 
 def peak_flops(device_name: str | None) -> float | None:
