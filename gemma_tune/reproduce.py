@@ -4,7 +4,7 @@ step by step, with the recorded one.
 A stored run is a run directory's recipe.yaml, manifest.json and metrics.jsonl (nothing else is read, and
 the stored directory is never written to). In order:
 
-1. Relocation: a recorded absolute path (`RELOCATED`) that does not exist here is looked up by successively
+1. Relocation: a recorded absolute path (`gemma_tune.config.compose.PATH_KEYS`) that does not exist here is looked up by successively
    shorter trailing parts of it under the current directory, the run directory's parents and the bundled
    files (`gemma_tune.config.paths.BUNDLED`): `/elsewhere/gemma_tune/bundled/data/tiny/chat.jsonl` is found as
    `BUNDLED/data/tiny/chat.jsonl`. Found nowhere: a UserError naming the key and the path.
@@ -45,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from gemma_tune.config.compose import PATH_KEYS, get_key, set_key
 from gemma_tune.config.paths import BUNDLED, is_remote
 from gemma_tune.config.schema import Recipe
 from gemma_tune.console import use_console
@@ -55,7 +56,6 @@ log = logging.getLogger("gemma_tune")
 
 EXCLUDED_METRICS = ("tokens_per_s", "mfu", "peak_memory_gib", "elapsed_s")  # timing and hardware (train/logs.py)
 DEFAULT_RTOL = 1e-3  # across backends, versions, CPUs and on accelerators
-RELOCATED = ("data.train.path", "data.eval.path", "model.tokenizer", "model.weights", "preference.reference")
 FINGERPRINTED = {"data.train": "data.train.path", "data.eval": "data.eval.path", "tokenizer": "model.tokenizer"}
 CHANGES_NUMERICS = ("backend", "cpu", "devices")  # besides packages.*: differences that change the default rtol
 
@@ -229,12 +229,12 @@ def _checked_out(out: str | Path | None, run_dir: Path) -> Path | None:
 
 # ---- relocation ----------------------------------------------------------------------------------------------
 def relocate(recipe: dict, run_dir: Path) -> list[Relocation]:
-    """Replace each recorded absolute path of `RELOCATED` that does not exist here by the file found for it
+    """Replace each recorded absolute path of `PATH_KEYS` that does not exist here by the file found for it
     (`find_relocated`), in `recipe`; the relocations, each logged. Found nowhere: a UserError."""
     roots = search_roots(run_dir)
     relocations = []
-    for key in RELOCATED:
-        recorded = _get(recipe, key)
+    for key in PATH_KEYS:
+        recorded = get_key(recipe, key)
         if not isinstance(recorded, str) or is_remote(recorded) or not Path(recorded).is_absolute() \
                 or Path(recorded).exists():
             continue
@@ -243,7 +243,7 @@ def relocate(recipe: dict, run_dir: Path) -> list[Relocation]:
             raise UserError(f"{key} = {recorded} does not exist here, and no trailing part of that path was found "
                             "under the current directory, the run directory's parents or the bundled files",
                             where=str(run_dir / "recipe.yaml"))
-        _set(recipe, key, str(found))
+        set_key(recipe, key, str(found))
         relocations.append(Relocation(key, recorded, str(found)))
         log.info("relocated %s: %s -> %s", key, recorded, found)
     return relocations
@@ -268,20 +268,6 @@ def find_relocated(recorded: str, roots: list[Path]) -> Path | None:
     return None
 
 
-def _get(recipe: dict, key: str) -> Any:
-    value: Any = recipe
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def _set(recipe: dict, key: str, value: str) -> None:
-    *sections, name = key.split(".")
-    for part in sections:
-        recipe = recipe[part]
-    recipe[name] = value
-
-
 # ---- environment ---------------------------------------------------------------------------------------------
 def environment_differences(manifest: dict, recipe: dict, now: dict) -> list[Difference]:
     """How `now` (`environment(backend)`) and the files `recipe` reads differ from `manifest`: package versions
@@ -294,7 +280,7 @@ def environment_differences(manifest: dict, recipe: dict, now: dict) -> list[Dif
               ("backend", manifest.get("backend"), now["backend"]),
               ("seed", manifest.get("seed"), recipe.get("seed"))]
     pairs += [(name, _contents(_recorded_fingerprint(manifest, name)), _contents(fingerprint(path)))
-              for name, key in FINGERPRINTED.items() if (path := _get(recipe, key))]
+              for name, key in FINGERPRINTED.items() if (path := get_key(recipe, key))]
     return [Difference(key, _shown(before), _shown(after)) for key, before, after in pairs if before != after]
 
 

@@ -16,21 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from gemma_tune.config.compose import compose_file
+from gemma_tune.config.compose import PATH_KEYS, compose_file, get_key, set_key
 from gemma_tune.config.paths import BUNDLED, is_remote, resolve_existing
 from gemma_tune.config.presets import recipe_file
 from gemma_tune.errors import UserError
 
-PATH_KEYS = (("model", "weights"), ("model", "tokenizer"), ("data", "train", "path"), ("data", "eval", "path"))
 RECIPE_NAME = "recipe.yaml"
-
-
-def _get(tree: dict, keys: tuple[str, ...]):
-    for key in keys:
-        if not isinstance(tree, dict):
-            return None
-        tree = tree.get(key)
-    return tree
 
 
 def _bundled_data(entry: str, origin: Path) -> tuple[Path, Path] | None:
@@ -43,12 +34,6 @@ def _bundled_data(entry: str, origin: Path) -> tuple[Path, Path] | None:
     if found is None or data_root not in found.parents:
         return None
     return data_root / found.relative_to(data_root).parts[0], found
-
-
-def _set(tree: dict, keys: tuple[str, ...], value: str) -> None:
-    for key in keys[:-1]:
-        tree = tree[key]
-    tree[keys[-1]] = value
 
 
 def _header(source: Path) -> str:
@@ -80,13 +65,13 @@ def init_project(directory: str | Path, recipe: str = "quickstart") -> Path:
     if written.exists():
         raise UserError(f"{written} already exists; choose another directory", where="gemma-tune init")
     copies = set()
-    for keys in PATH_KEYS:
-        entry = _get(raw, keys)
+    for key in PATH_KEYS:
+        entry = get_key(raw, key)
         bundled = _bundled_data(entry, source.parent) if isinstance(entry, str) else None
         if bundled is not None:
             data_dir, found = bundled
             copies.add(data_dir)
-            _set(raw, keys, found.relative_to(BUNDLED.resolve()).as_posix())
+            set_key(raw, key, found.relative_to(BUNDLED.resolve()).as_posix())
     for data_dir in sorted(copies):
         if (target / "data" / data_dir.name).exists():
             raise UserError(f"{target / 'data' / data_dir.name} already exists; choose another directory",

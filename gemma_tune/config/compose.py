@@ -18,6 +18,25 @@ from gemma_tune.errors import ConfigError
 
 Provenance = dict[tuple[str, ...], str]
 
+# The recipe keys that name local files or directories (relative ones resolved as gemma_tune.config.paths says).
+PATH_KEYS = ("data.train.path", "data.eval.path", "model.tokenizer", "model.weights", "preference.reference")
+
+
+def get_key(tree: dict, key: str) -> Any:
+    """The value at dotted `key` ("data.train.path") of a raw recipe mapping, None where a part is missing."""
+    value: Any = tree
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def set_key(tree: dict, key: str, value: Any) -> None:
+    """Set dotted `key` of a raw recipe mapping whose sections above it exist."""
+    *sections, name = key.split(".")
+    for part in sections:
+        tree = tree[part]
+    tree[name] = value
+
 
 def read_yaml(path: Path) -> dict:
     """Parse one YAML mapping with `yaml.safe_load`; syntax errors name the file and line."""
