@@ -277,6 +277,22 @@ class ExportSection(Section):
                                                                                    "null = the model's dtype")
 
 
+class DistributionSection(Section):
+    """How training spreads over devices (gemma_tune.distribution): Keras' distribution API over JAX."""
+
+    mode: Literal["none", "data_parallel", "fsdp", "auto"] = Field(
+        default="none", description="none = one device; data_parallel = weights replicated on every device, "
+        "each batch split over them; fsdp = weights, gradients and optimizer state sharded over the mesh's model "
+        "axis (gathered per layer when used), each batch split over every device; auto = none on one device, "
+        "else data_parallel when the replicated model fits a device's memory, else fsdp (JAX only)")
+    mesh: dict[Literal["batch", "model"], int] | None = Field(
+        default=None, description="device mesh axis sizes, e.g. {batch: 2, model: 4}, whose product is the device "
+        "count: fsdp shards weights over `model` (replicated over `batch`); data_parallel uses {batch: devices}; "
+        "null = every device on one axis (data_parallel: batch; fsdp: model)")
+    devices: int | None = Field(
+        default=None, gt=0, description="use the first N devices (of all hosts); null = all of them")
+
+
 class Recipe(Section):
     name: str = Field(min_length=1, description="the run's name (output_dir defaults to runs/<name>)")
     description: str | None = Field(default=None, description="free text about the recipe; null = none")
@@ -303,4 +319,6 @@ class Recipe(Section):
                                          "scoring sequences); only with method: reward")
     rl: RLSection | None = Field(default=None, description="options of the online RL methods (grpo, rloo): "
                                  "sampling, rewards, advantages and the clipped loss; only with one of them")
+    distribution: DistributionSection = Field(default_factory=DistributionSection, description="data-parallel or "
+                                              "sharded (FSDP) training over several devices or hosts (JAX)")
     export: ExportSection = Field(default_factory=ExportSection, description="what is exported after training")
