@@ -3,7 +3,16 @@
 Formats:
   * "keras" — the native `.keras` archive and a keras-hub preset (`gemma_tune.export.keras`);
   * "safetensors" — a Hugging Face checkpoint transformers loads (`gemma_tune.checkpoints.hf`);
-  * "peft" — the LoRA adapters as a PEFT adapter for the base model (`gemma_tune.checkpoints.peft`).
+  * "peft" — the LoRA adapters as a PEFT adapter for the base model (`gemma_tune.checkpoints.peft`);
+  * "gguf" — `model.gguf` for llama.cpp / Ollama (`gemma_tune.export.gguf`) and an Ollama `Modelfile` beside
+    it (`gemma_tune.export.modelfile`).
+`quantize` (`QUANTIZE`): gguf f32 | f16 | bf16 | q8_0 | q4_0 (None: f32, or bf16 for `dtype="bfloat16"` or a
+bfloat16 model); keras int8 | int4 (Keras' quantisation of the projections, `gemma_tune.export.keras`);
+safetensors int8 | int4 (transformers' built-in Gemma quantisation layout, `gemma_tune.export.safetensors`);
+peft none.
+Without a tokenizer (`tokenizer=None`: a checkpoint directory holding weights alone) keras, safetensors and
+peft write the weights and a warning says what is missing; gguf, whose file holds the tokenizer, is a
+UserError that says how to give one.
 A vision model (PaliGemma, Gemma 3 4B+) exports as safetensors — its `*ForConditionalGeneration` in the hub's
 layout with the processor files — or as peft (the decoder's adapters, named as PEFT names them on that class).
 A reward model (`gemma_tune.models.RewardModel`) exports as safetensors — transformers'
@@ -20,11 +29,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gemma_tune.errors import UserError
+from gemma_tune.errors import CheckpointError, UserError
 from gemma_tune.export.atomic import atomic_dir, check_destination, check_writable
 
-FORMATS = ("keras", "safetensors", "peft")
+FORMATS = ("keras", "safetensors", "peft", "gguf")
 EXPORT_DTYPES = ("float32", "bfloat16")
+QUANTIZE = {"gguf": ("f32", "f16", "bf16", "q8_0", "q4_0"), "keras": ("int8", "int4"),
+            "safetensors": ("int8", "int4"), "peft": ()}
+NO_TOKENIZER = ("no tokenizer was found beside the weights, so the {fmt} export holds the weights without one "
+                "({missing}); give one with --tokenizer PATH (export_model(..., tokenizer)) to include it")
+MISSING = {"keras": "model.keras alone, no tokenizer.model and no keras-hub preset",
+           "safetensors": "no tokenizer files; config.json has Gemma's ids bos 2, eos 1, pad 0",
+           "peft": "no tokenizer files"}
 log = logging.getLogger("gemma_tune")
 UNKNOWN_BASE = ("the PEFT adapter's base model is unknown (the model was not loaded from a checkpoint: its base is "
                 "randomly initialised), so adapter_config.json has base_model_name_or_path: null and PEFT cannot "
@@ -56,11 +72,65 @@ def base_model_name(source: str | Path | None) -> str | None:
     return str(local.resolve()) if local.exists() else source
 
 
+def check_quantize(fmt: str, quantize: str | None, where: str = "quantize") -> None:
+    """UserError when `quantize` is not one of `fmt`'s types (`QUANTIZE`)."""
+    if quantize is None:
+        return
+    allowed = QUANTIZE.get(fmt, ())
+    if quantize not in allowed:
+        expected = f"one of {', '.join(allowed)}" if allowed else "none (the format has no quantised form)"
+        hint = " (K-quants: llama.cpp's llama-quantize on an f16 GGUF export)" if fmt == "gguf" else ""
+        raise UserError(f"{quantize!r} is not a {fmt} quantisation; expected {expected}{hint}", where=where)
+
+
+def gguf_type(quantize: str | None, dtype: str | None, model) -> str:
+    """The GGUF type of an export: `quantize`, else what `dtype` (else the model's weights) is."""
+    if quantize is not None:
+        return quantize
+    from gemma_tune.checkpoints.hf import model_dtype
+
+    return "bf16" if (dtype or model_dtype(model)) == "bfloat16" else "f32"
+
+
+def recipe_export_options(recipe) -> dict:
+    """The `export_model` keywords a recipe's `export` section and sampling settings give (`quantize`,
+    `sampling`): what a run passes for each of its `export.formats`."""
+    from gemma_tune.export.modelfile import sampling_defaults
+
+    return {"quantize": getattr(recipe.export, "quantize", None), "sampling": sampling_defaults(recipe)}
+
+
+def find_tokenizer(source, tokenizer=None):
+    """The tokenizer of an export's source: `tokenizer` (a path) when given, else the one beside the weights
+    (a run directory's recipe tokenizer), else None when there is none — a corrupt one is an error."""
+    from gemma_tune.checkpoints.sources import resolve_source
+    from gemma_tune.loading import _tokenizer_dir, run_recipe
+    from gemma_tune.rundir import is_run_dir
+    from gemma_tune.tokenizer import GemmaTokenizer, find_tokenizer_file, load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    path = resolve_source(source)
+    candidates = []
+    if is_run_dir(path):
+        recipe = run_recipe(path)
+        candidates += [c for c in (recipe.model.tokenizer, recipe.model.weights) if c]
+    candidates.append(_tokenizer_dir(path))
+    for candidate in candidates:
+        try:
+            found = find_tokenizer_file(candidate)
+        except CheckpointError:
+            continue
+        return GemmaTokenizer(found)
+    return None
+
+
 def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora: bool = True,
                  dtype: str | None = None, force: bool = False, max_shard_size: int | None = None,
-                 base_model: str | None = None, source_dir: str | Path | None = None) -> Path:
+                 base_model: str | None = None, source_dir: str | Path | None = None, quantize: str | None = None,
+                 sampling: dict | None = None) -> Path:
     """Write `model` (a GemmaCausalLM or a RewardModel; and `tokenizer`'s files) as `fmt` into `out_dir`;
-    returns `out_dir`.
+    returns `out_dir`. `tokenizer` may be None (module docstring).
 
     `merge_lora`: fold LoRA adapters into the exported weights (exact, in float32) or export the base
     alone (keras/safetensors; "peft" always writes the adapters only). `dtype`: "float32" or
@@ -68,12 +138,20 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora:
     `base_model` ("peft"): the base's hub id, `hf://` name or local path for `base_model_name_or_path`
     (default: the model's `checkpoint_source`; a warning says what to do when neither is known).
     `source_dir`: the directory the model was loaded from, which `out_dir` must not replace or nest with
-    (`check_output`).
+    (`check_output`). `quantize`: the format's quantised type (module docstring). `sampling` ("gguf"): the
+    Modelfile's temperature / top_k / top_p (default: Gemma's, `modelfile.GEMMA_SAMPLING`).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}", where="format")
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}", where="dtype")
+    check_quantize(fmt, quantize)
+    if fmt == "gguf":
+        from gemma_tune.export.gguf import check_gguf_expressible, NO_TOKENIZER as GGUF_NO_TOKENIZER
+
+        if tokenizer is None:
+            raise UserError(GGUF_NO_TOKENIZER, where="format gguf")
+        check_gguf_expressible(model)
     if fmt == "keras":
         from gemma_tune.models import reward_parts
 
@@ -82,21 +160,28 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora:
                             "peft (adapters and score head); the keras format holds a causal LM", where="format keras")
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, source_dir=source_dir)
+    if tokenizer is None and fmt in MISSING:
+        log.warning(NO_TOKENIZER.format(fmt=fmt, missing=MISSING[fmt]))
     with atomic_dir(out_dir, force=force) as tmp:
-        if fmt == "safetensors":
-            from gemma_tune.checkpoints.hf import DEFAULT_MAX_SHARD_SIZE, save_hf_checkpoint
+        if fmt == "gguf":
+            from gemma_tune.export.gguf import GGUF_FILE, write_gguf
+            from gemma_tune.export.modelfile import write_modelfile
 
-            save_hf_checkpoint(model, tokenizer, tmp, merge_lora=merge_lora, dtype=dtype,
-                               max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+            write_gguf(model, tokenizer, tmp / GGUF_FILE, quantize=gguf_type(quantize, dtype, model),
+                       merge_lora=merge_lora)
+            write_modelfile(tmp, GGUF_FILE, sampling)
+        elif fmt == "safetensors":
+            _write_safetensors(model, tokenizer, tmp, merge_lora=merge_lora, dtype=dtype, quantize=quantize,
+                               max_shard_size=max_shard_size)
         elif fmt == "peft":
             from gemma_tune.checkpoints.hf_tokenizer import write_hf_tokenizer_files
             from gemma_tune.checkpoints.peft import save_peft_adapter
 
             base = base_model_name(base_model or getattr(model, "checkpoint_source", None))
             save_peft_adapter(model, tmp, base_model_name_or_path=base, dtype=dtype)
-            if model.architecture.vision is None:
+            if tokenizer is not None and model.architecture.vision is None:
                 write_hf_tokenizer_files(tokenizer, tmp)
-            else:  # with the image tokens
+            elif tokenizer is not None:  # with the image tokens
                 write_hf_tokenizer_files(tokenizer, tmp, model.architecture)
             if base is None:
                 log.warning(UNKNOWN_BASE)
@@ -105,5 +190,21 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str, *, merge_lora:
             from gemma_tune.export.keras import write_keras_export
 
             with without_native_start_up_lines():  # Keras' saving and keras-hub import TensorFlow
-                write_keras_export(model, tokenizer, tmp, merge_lora=merge_lora, dtype=dtype)
+                write_keras_export(model, tokenizer, tmp, merge_lora=merge_lora, dtype=dtype, quantize=quantize)
     return out_dir
+
+
+def _write_safetensors(model, tokenizer, out_dir: Path, *, merge_lora: bool, dtype: str | None, quantize: str | None,
+                       max_shard_size: int | None) -> None:
+    from gemma_tune.checkpoints.hf import DEFAULT_MAX_SHARD_SIZE, save_hf_checkpoint
+    from gemma_tune.export.safetensors import INT_TYPES, write_hf_weights, write_quantized_hf_checkpoint
+
+    if quantize is not None:
+        write_quantized_hf_checkpoint(model, tokenizer, out_dir, bits=INT_TYPES[quantize], merge_lora=merge_lora,
+                                      dtype=dtype)
+    elif tokenizer is None:
+        write_hf_weights(model, out_dir, merge_lora=merge_lora, dtype=dtype,
+                         max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    else:
+        save_hf_checkpoint(model, tokenizer, out_dir, merge_lora=merge_lora, dtype=dtype,
+                           max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
