@@ -18,6 +18,14 @@ Q4_K_M and compared the same way.
 
 The rows go to `--out` (JSON lines); a table is printed. tests/test_export_gguf.py runs the same comparison
 for f32 (marker `llama_cpp`, deselected by default).
+
+`--quantized-exports OUT` measures instead the other quantised exports against the float model on the same
+prompts: keras int8 / int4 (`model.keras` loaded back with `keras.saving.load_model`, safe mode) and
+safetensors int8 / int4 (loaded by transformers, its built-in Gemma quantisation), each family and the wider
+Gemma 3 model: max |quantised − float| logit, that over max |float|, argmax agreement, bytes of the weights
+file against the float export's.
+
+    KERAS_BACKEND=jax python bench/gguf_llama_cpp.py --quantized-exports bench/raw/gguf-quantized-exports.jsonl
 """
 
 from __future__ import annotations
@@ -163,8 +171,8 @@ def k_quant(model, tokenizer, refs, work: Path, llama_quantize: str, kind: str =
     done = subprocess.run([llama_quantize, str(f16), str(target), kind], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llama-quantize failed: {done.stderr[-2000:]}")
-    types = sorted({line.split("type")[-1].strip().split()[0].strip(",")
-                    for line in done.stdout.splitlines() + done.stderr.splitlines() if "converting to" in line})
+    lines = done.stdout.splitlines() + done.stderr.splitlines()
+    types = sorted({line.split("converting to", 1)[1].split()[0] for line in lines if "converting to" in line})
     row = compare(refs, target)
     row.update(bytes=target.stat().st_size, f16_bytes=f16.stat().st_size, quantize_types=types)
     return row
@@ -201,6 +209,59 @@ def run(llama_quantize: str | None, out: Path) -> list[dict]:
     return rows
 
 
+def transformers_logits(path: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def quantized_exports(out: Path) -> list[dict]:
+    """keras and safetensors int8 / int4 exports against the float model (module docstring)."""
+    import keras
+
+    from gemma_tune.export import export_model
+    from gemma_tune.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cases = {**FAMILIES, "gemma3-wide": WIDE}
+        for name, overrides in cases.items():
+            model = random_model(overrides)
+            ids_list = prompts(tokenizer)
+            float_dirs = {fmt: export_model(model, tokenizer, work / f"{name}-{fmt}", fmt)
+                          for fmt in ("keras", "safetensors")}
+            for fmt, weights in (("keras", "model.keras"), ("safetensors", "model.safetensors")):
+                for mode in ("int8", "int4"):
+                    path = export_model(model, tokenizer, work / f"{name}-{fmt}-{mode}", fmt, quantize=mode)
+                    if fmt == "keras":
+                        loaded = keras.saving.load_model(str(path / weights), safe_mode=True)
+                        pairs = [(our_logits(loaded, ids), our_logits(model, ids)) for ids in ids_list]
+                    else:
+                        pairs = [(transformers_logits(path, ids), transformers_logits(float_dirs[fmt], ids))
+                                 for ids in ids_list]
+                    diff = max(float(np.abs(q - f).max()) for q, f in pairs)
+                    scale = max(float(np.abs(f).max()) for _, f in pairs)
+                    rows.append({"model": name, "format": fmt, "quantize": mode, "max_abs": diff,
+                                 "relative": diff / scale,
+                                 "argmax_agree": float(np.mean([(q.argmax(-1) == f.argmax(-1)).mean()
+                                                                for q, f in pairs])),
+                                 "bytes": (path / weights).stat().st_size,
+                                 "float_bytes": (float_dirs[fmt] / weights).stat().st_size})
+                    r = rows[-1]
+                    print(f"| {name} | {fmt} | {mode} | {r['max_abs']:.3f} | {r['relative']:.3f} | "
+                          f"{r['argmax_agree']:.3f} | {r['bytes']} / {r['float_bytes']} |", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({"backend": keras.backend.backend(), **row}) + "\n")
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     head = "| model | type | bytes | max abs diff | / max abs logit | argmax agree | greedy 16 equal | tokenization |"
     lines = [head, "|" + "---|" * 8]
@@ -215,7 +276,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-quantize", default=None, help="path of llama.cpp's llama-quantize (K-quant route)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "raw" / "gguf-llama-cpp.jsonl")
+    parser.add_argument("--quantized-exports", type=Path, default=None, metavar="OUT",
+                        help="measure keras / safetensors int8 / int4 exports instead, rows into OUT")
     args = parser.parse_args(argv)
+    if args.quantized_exports is not None:
+        quantized_exports(args.quantized_exports)
+        print(f"rows -> {args.quantized_exports}")
+        return 0
     rows = run(args.llama_quantize, args.out)
     print(table(rows))
     print(f"rows -> {args.out}")

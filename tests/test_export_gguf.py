@@ -20,7 +20,7 @@ from gemma_tune.cli import main
 from gemma_tune.config import load_recipe
 from gemma_tune.config.presets import preset_architecture
 from gemma_tune.errors import CheckpointError, ConfigError, UserError
-from gemma_tune.export import export_model
+from gemma_tune.export import export_model, recipe_export_options
 from gemma_tune.export.modelfile import modelfile_text, sampling_defaults
 from gemma_tune.models import RewardModel, build_model, enable_lora, float_weight, lora_projections, quantize_base
 
@@ -300,6 +300,10 @@ def test_recipe_export_quantize_is_checked_against_the_formats():
         load_recipe("recipes/quickstart.yaml", ["export.formats=[gguf, keras]", "export.quantize=q4_0"])
     with pytest.raises(ConfigError, match="applies to gguf, keras or safetensors"):
         load_recipe("recipes/quickstart.yaml", ["export.formats=[]", "export.quantize=int8"])
+    recipe = load_recipe("recipes/quickstart_grpo.yaml", ["export.formats=[gguf, peft]", "export.quantize=q8_0"])
+    assert recipe_export_options(recipe, "gguf") == {"quantize": "q8_0", "sampling": {"temperature": 1.0, "top_k": 4,
+                                                                                       "top_p": 0.95}}
+    assert recipe_export_options(recipe, "peft") == {"quantize": None, "sampling": None}
 
 
 # ------------------------------------------------------------------------------------ llama.cpp itself

@@ -18,7 +18,7 @@ import transformers
 from gemma_tune.config.presets import preset_architecture
 from gemma_tune.errors import UserError
 from gemma_tune.export import export_model
-from gemma_tune.export.keras import load_keras_archive, quantized_model
+from gemma_tune.export.keras import archive_architecture, load_keras_archive, quantized_model
 from gemma_tune.export.safetensors import dequantize_rows, quantize_rows
 from gemma_tune.models import build_model, enable_lora, lora_projections, projections
 
@@ -76,6 +76,7 @@ def test_quantised_keras_export_loads_in_safe_mode(mode, keras_exports, float_lo
     assert loaded.token_embedding.quantization_mode is None  # the tied head stays float
     np.testing.assert_allclose(ours(loaded), expected, atol=1e-5)
     np.testing.assert_allclose(ours(load_keras_archive(out)), expected, atol=1e-5)
+    assert archive_architecture(out) == loaded.architecture
     drift = np.abs(expected - float_logits).max() / np.abs(float_logits).max()
     assert 0 < drift < DRIFT[mode]
 

@@ -92,12 +92,14 @@ def gguf_type(quantize: str | None, dtype: str | None, model) -> str:
     return "bf16" if (dtype or model_dtype(model)) == "bfloat16" else "f32"
 
 
-def recipe_export_options(recipe) -> dict:
-    """The `export_model` keywords a recipe's `export` section and sampling settings give (`quantize`,
-    `sampling`): what a run passes for each of its `export.formats`."""
+def recipe_export_options(recipe, fmt: str) -> dict:
+    """The `export_model` keywords a recipe gives the export of `fmt` (one of its `export.formats`): its
+    `export.quantize` where the format has quantised forms (not peft), and its sampling settings for gguf's
+    Modelfile."""
     from gemma_tune.export.modelfile import sampling_defaults
 
-    return {"quantize": getattr(recipe.export, "quantize", None), "sampling": sampling_defaults(recipe)}
+    quantize = getattr(recipe.export, "quantize", None) if QUANTIZE.get(fmt) else None
+    return {"quantize": quantize, "sampling": sampling_defaults(recipe) if fmt == "gguf" else None}
 
 
 def find_tokenizer(source, tokenizer=None):

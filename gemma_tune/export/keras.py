@@ -131,6 +131,25 @@ def load_keras_archive(path, dtype: str | None = None):
     return model
 
 
+def archive_architecture(path):
+    """The `Architecture` a keras export's `model.keras` holds, read from the archive's config.json alone."""
+    import json
+    import zipfile
+
+    from pydantic import ValidationError
+
+    from gemma_tune.models.config import Architecture
+
+    path = Path(path)
+    archive = path / MODEL_FILE if path.is_dir() else path
+    try:
+        with zipfile.ZipFile(archive) as z:
+            config = json.loads(z.read("config.json"))
+        return Architecture.model_validate(config["config"]["architecture"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, ValidationError) as e:
+        raise CheckpointError(f"not a gemma_tune Keras archive ({e})", where=str(archive)) from e
+
+
 def write_keras_export(model, tokenizer, out_dir, *, merge_lora: bool = True, dtype: str | None = None,
                        quantize: str | None = None) -> Path:
     """Write `model.keras`, `tokenizer.model` and the keras-hub preset files into `out_dir` (an existing,
