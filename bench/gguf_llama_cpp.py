@@ -233,8 +233,12 @@ def quantized_exports(out: Path) -> list[dict]:
         for name, overrides in cases.items():
             model = random_model(overrides)
             ids_list = prompts(tokenizer)
-            float_dirs = {fmt: export_model(model, tokenizer, work / f"{name}-{fmt}", fmt)
-                          for fmt in ("keras", "safetensors")}
+            from gemma_tune.export.keras import exported_model
+
+            float_dirs = {"safetensors": export_model(model, tokenizer, work / f"{name}-safetensors", "safetensors"),
+                          "keras": work / f"{name}-keras"}  # the float archive alone (keras-hub's preset cannot
+            float_dirs["keras"].mkdir()                      # express every tiny pattern)
+            keras.saving.save_model(exported_model(model), str(float_dirs["keras"] / "model.keras"))
             for fmt, weights in (("keras", "model.keras"), ("safetensors", "model.safetensors")):
                 for mode in ("int8", "int4"):
                     path = export_model(model, tokenizer, work / f"{name}-{fmt}-{mode}", fmt, quantize=mode)

@@ -267,14 +267,19 @@ class RLSection(Section):
 
 
 class ExportSection(Section):
-    formats: list[Literal["keras", "safetensors", "peft"]] = Field(
+    formats: list[Literal["keras", "safetensors", "peft", "gguf"]] = Field(
         default_factory=list, description="written into the run's exports/<format>/ after training: keras "
-        "(model.keras + keras-hub preset), safetensors (Hugging Face checkpoint), peft (LoRA adapters); [] = none")
+        "(model.keras + keras-hub preset), safetensors (Hugging Face checkpoint), peft (LoRA adapters), gguf "
+        "(model.gguf for llama.cpp + an Ollama Modelfile); [] = none")
     merge_lora: bool = Field(default=True, description="fold the LoRA adapters into the exported weights; false "
                                                        "exports the base alone (safetensors; keras refuses; peft "
                                                        "always writes the adapters)")
     dtype: Literal["float32", "bfloat16"] | None = Field(default=None, description="dtype of the exported weights; "
                                                                                    "null = the model's dtype")
+    quantize: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "int8", "int4"] | None = Field(
+        default=None, description="quantised exports: gguf f32 | f16 | bf16 | q8_0 | q4_0 (null = f32, bf16 with "
+        "dtype bfloat16); keras and safetensors int8 | int4 (weights of the projections); peft has none; null = "
+        "float weights")
 
 
 class DistributionSection(Section):

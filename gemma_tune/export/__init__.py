@@ -98,7 +98,7 @@ def recipe_export_options(recipe, fmt: str) -> dict:
     Modelfile."""
     from gemma_tune.export.modelfile import sampling_defaults
 
-    quantize = getattr(recipe.export, "quantize", None) if QUANTIZE.get(fmt) else None
+    quantize = recipe.export.quantize if QUANTIZE.get(fmt) else None
     return {"quantize": quantize, "sampling": sampling_defaults(recipe) if fmt == "gguf" else None}
 
 
