@@ -17,6 +17,7 @@ EPILOG = """examples:
   gemma-tune env --backend torch
   gemma-tune keys train
   gemma-tune validate recipes/quickstart.yaml
+  gemma-tune plan recipes/quickstart.yaml distribution.mode=fsdp --devices 8 --device "TPU v5e"
   gemma-tune run recipes/quickstart.yaml --backend torch train.max_steps=50 lora.rank=8
   gemma-tune export runs/quickstart --format safetensors --out exports/quickstart-hf
   gemma-tune generate runs/quickstart --prompt "What is 2 plus 3?"
@@ -71,6 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.set_defaults(handler=_validate)
 
+    p = sub.add_parser("plan", help="estimate a recipe's memory per device and the devices it fits; builds nothing",
+                       description="Estimate, from arithmetic alone (no model built, no backend started), the "
+                                   "parameters, trainable parameters and memory per device of a recipe's training "
+                                   "step — weights, gradients, optimizer state, activations with and without remat, "
+                                   "the loss chunk — on the recipe's mesh, and which accelerators it fits "
+                                   "(gemma_tune.plan). Exit code 2 on a bad recipe.")
+    _add_recipe(p)
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="devices the run uses (default: distribution.devices, else the product of distribution.mesh, "
+                        "else 1)")
+    p.add_argument("--device", default=None, metavar="NAME",
+                   help="the accelerator to check, e.g. H100, 'A100 40 GB', 'TPU v5e': its memory decides "
+                        "distribution.mode auto and the warning")
+    p.add_argument("--platform", choices=("gpu", "tpu", "cpu"), default=None,
+                   help="where the run computes (default: the --device's, else an accelerator with dense attention): "
+                        "gpu plans the cuDNN flash attention path where the trainer takes it (bfloat16, text, no "
+                        "soft-cap); cpu plans XLA:CPU, where remat saves nothing and 16-bit matmuls use float32 copies")
+    p.set_defaults(handler=_plan)
+
     p = sub.add_parser("run", help="train (and export) as a recipe says",
                        description="Run a recipe: the run directory (output_dir) receives the resolved "
                                    "recipe, a manifest, logs, metrics, checkpoints and exports. A run "
@@ -84,15 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start afresh even if the run directory has a checkpoint")
     p.set_defaults(handler=_run)
 
-    p = sub.add_parser("export", help="write a model as a keras archive/preset, HF safetensors or a PEFT adapter",
+    p = sub.add_parser("export", help="write a model as a keras archive/preset, HF safetensors, a PEFT adapter "
+                                      "or GGUF (llama.cpp, Ollama)",
                        description="Load SOURCE — a run directory (its latest checkpoint), a local Hugging Face "
                                    "checkpoint or keras-hub preset, a gemma_tune export, hf://ORG/NAME or "
                                    "kaggle://OWNER/MODEL/FRAMEWORK/VARIATION — and write it in one format. The "
                                    "output directory appears only when complete.")
     p.add_argument("source", help="what to export (anything gemma_tune.load_model accepts)")
-    p.add_argument("--format", dest="fmt", required=True, choices=("keras", "safetensors", "peft"),
+    p.add_argument("--format", dest="fmt", required=True, choices=("keras", "safetensors", "peft", "gguf"),
                    help="keras: .keras archive + keras-hub preset; safetensors: Hugging Face checkpoint; "
-                        "peft: the LoRA adapters alone")
+                        "peft: the LoRA adapters alone; gguf: model.gguf for llama.cpp + an Ollama Modelfile")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f32; K-quants: llama.cpp's llama-quantize "
+                        "on an f16 export); keras, safetensors: int8 | int4 (default: float weights)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="the tokenizer to export with (a SentencePiece .model file or a directory holding one; "
+                        "default: beside the weights; gguf needs one)")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force; never "
                                                 "the source, inside it or around it, nor inside a run directory "
                                                 "except below RUN/exports/)")
@@ -233,6 +260,12 @@ def _validate(args: argparse.Namespace) -> int:
           f"packing {_packing(recipe)})")
     print(f"  train    {length}, batch {recipe.train.batch_size} x accum {recipe.train.grad_accum}, "
           f"{recipe.train.optimizer} lr {recipe.train.learning_rate:g} {recipe.train.schedule}")
+    section = recipe.distribution
+    if section.mode != "none":
+        mesh = section.mesh or {}
+        print(f"  devices  distribution {section.mode}"
+              + (f", mesh batch {mesh.get('batch', 1)} × model {mesh.get('model', 1)}" if mesh else ", every device")
+              + (f", the first {section.devices}" if section.devices else ""))
     if recipe.data.train.format == "prompt":
         from gemma_tune.methods import method_options
 
@@ -242,6 +275,25 @@ def _validate(args: argparse.Namespace) -> int:
               f"tokens, temperature {o['temperature']:g}; rewards {rewards}")
     if recipe.export.formats:
         print(f"  export   {', '.join(recipe.export.formats)}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import math
+
+    from gemma_tune.config import load_recipe
+    from gemma_tune.errors import ConfigError
+    from gemma_tune.plan import find_device, plan_for_run
+
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError("--devices must be >= 1")
+    recipe = load_recipe(args.recipe, args.overrides)
+    device = find_device(args.device) if args.device else None
+    section = recipe.distribution
+    count = args.devices or section.devices or (math.prod(section.mesh.values()) if section.mesh else 1)
+    platform = args.platform or (device.platform if device else None)
+    plan = plan_for_run(recipe, count, device.memory_bytes if device else None, platform=platform)
+    print(plan.report(device))
     return 0
 
 
@@ -268,16 +320,31 @@ def _export(args: argparse.Namespace) -> int:
 
     select_backend(args.backend)
     from gemma_tune.checkpoints.sources import resolve_source
-    from gemma_tune.export import check_output, export_model
-    from gemma_tune.loading import load_model_and_tokenizer
+    from gemma_tune.export import check_output, check_quantize, export_model, find_tokenizer
+    from gemma_tune.export.gguf import NO_TOKENIZER
+    from gemma_tune.loading import load_model
 
+    check_quantize(args.fmt, args.quantize, where="--quantize")
     source_dir = resolve_source(args.source)
     check_output(args.out, force=args.force, source_dir=source_dir)  # before the (long) loading
-    model, tokenizer = load_model_and_tokenizer(args.source, preset=args.preset)
+    tokenizer = find_tokenizer(args.source, args.tokenizer)
+    if tokenizer is None and args.fmt == "gguf":
+        raise UserError(NO_TOKENIZER, where=args.source)
+    model = load_model(args.source, preset=args.preset)
     out = export_model(model, tokenizer, args.out, args.fmt, merge_lora=args.merge_lora, dtype=args.dtype,
-                       force=args.force, base_model=args.base_model, source_dir=source_dir)
+                       force=args.force, base_model=args.base_model, source_dir=source_dir, quantize=args.quantize,
+                       sampling=_export_sampling(source_dir))
     print(f"exported {args.source} as {args.fmt} -> {out}")
     return 0
+
+
+def _export_sampling(source_dir) -> dict | None:
+    """A run directory's sampling settings for a GGUF export's Modelfile (None elsewhere: Gemma's defaults)."""
+    from gemma_tune.export.modelfile import sampling_defaults
+    from gemma_tune.loading import enclosing_run_dir, run_recipe
+
+    run = enclosing_run_dir(source_dir)
+    return sampling_defaults(run_recipe(run)) if run is not None else None
 
 
 def _prompt_images(prompts: list[str], images: list[str] | None) -> list[list[str]] | None:

@@ -510,11 +510,11 @@ class MemoryPlan:
     def summary_line(self) -> str:
         """One line: parameters, trainable, the per-device total, the mesh, the devices it fits."""
         return (f"plan: {count_text(self.params)} params ({count_text(self.trainable)} trainable), "
-                f"{gib(self.total())} per device {self.mesh_text()} (remat {'on' if self.remat else 'off'}) — "
+                f"{gib(self.total())} per device, {self.mesh_text()}, remat {'on' if self.remat else 'off'} — "
                 f"{self.fits_text()}")
 
     def mesh_text(self) -> str:
-        return "on one device" if self.mesh.mode == "none" else self.mesh.describe()
+        return self.mesh.describe()
 
     def warning(self, device_bytes: int) -> str | None:
         """None when the plan fits `device_bytes`; else what is over and which changes would fit

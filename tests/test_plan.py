@@ -158,8 +158,8 @@ def test_sharding_divides_what_it_should():
 def test_fits_warning_and_summary():
     small = estimate(recipe(), ONE)
     assert small.fits(DEVICES[0].memory_bytes) and small.warning(DEVICES[0].memory_bytes) is None
-    assert re.fullmatch(r"plan: 354\.0k params \(98\.3k trainable\), [\d.,]+ MiB per device on one device "
-                        r"\(remat off\) — fits T4 16 GB, TPU v5e 16 GB and larger", small.summary_line())
+    assert re.fullmatch(r"plan: 354\.0k params \(98\.3k trainable\), [\d.,]+ MiB per device, one device, "
+                        r"remat off — fits T4 16 GB, TPU v5e 16 GB and larger", small.summary_line())
     edge = int(small.total() / (1 - HEADROOM))
     assert not small.fits(edge - 1) and small.fits(edge + 1)
     big = estimate(recipe("model.preset=gemma3_12b", "model.architecture=null", "model.dtype=bfloat16",
@@ -216,7 +216,7 @@ def test_cli_plan():
     out = cli(QUICK)
     assert out.returncode == 0, out.stderr
     for text in ("parameters   354,048", "trainable 98,304", "activations kept for the backward", "loss chunk",
-                 "remat off", "remat on", "on one device", "H200 141 GB", "TPU v5e 16 GB", "total"):
+                 "remat off", "remat on", "mesh         one device", "H200 141 GB", "TPU v5e 16 GB", "total"):
         assert text in out.stdout
     sharded = cli(QUICK, "distribution.mode=fsdp", "--devices", 8, "--device", "TPU v5e")
     assert sharded.returncode == 0 and "fsdp on 8 devices (mesh batch 1 × model 8)" in sharded.stdout

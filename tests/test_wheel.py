@@ -18,6 +18,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import gguf
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +84,17 @@ def test_installed_wheel_runs_the_quickstart_from_any_directory(installed, tmp_p
 
     backend = os.environ.get("KERAS_BACKEND", "jax")
     _run([str(bin_dir / "gemma-tune"), "run", "recipes/quickstart.yaml", "--backend", backend, "train.max_steps=6", "train.warmup_steps=2",
-          "train.eval_every=3", "train.save_every=6", "train.sample_prompts=[]", "export.formats=[safetensors]"],
+          "train.eval_every=3", "train.save_every=6", "train.sample_prompts=[]", "export.formats=[gguf]",
+          "export.quantize=q8_0"],
          cwd=elsewhere, env=env)
     run_dir = elsewhere / "runs" / "quickstart"
     losses = [row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in row]
     assert losses and all(loss == loss for loss in losses)  # trained, finite
-    assert (run_dir / "exports" / "safetensors" / "model.safetensors").is_file()
+    reader = gguf.GGUFReader(run_dir / "exports" / "gguf" / "model.gguf")  # the recipe's export.quantize reached it
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32", kinds
+    assert "FROM ./model.gguf" in (run_dir / "exports" / "gguf" / "Modelfile").read_text()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["data"]["train"]["source"].endswith("gemma_tune/bundled/data/tiny/chat.jsonl")
     assert Path(manifest["data"]["train"]["source"]).is_relative_to(bin_dir.parent)

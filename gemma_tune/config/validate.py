@@ -20,6 +20,7 @@ from gemma_tune.methods import METHODS, method_options
 from gemma_tune.models.config import Architecture
 
 Problem = tuple[tuple[str, ...], str]
+DISTRIBUTED = ("jax",)  # backends whose Keras trains under keras.distribution (check_backend_support)
 OPTION_SECTIONS = ("preference", "reward", "rl")  # recipe sections that hold a method's options (MethodSpec.section)
 
 
@@ -87,7 +88,14 @@ def known_architecture(recipe: schema.Recipe) -> Architecture | None:
 def check_backend_support(recipe: schema.Recipe, backend: str) -> None:
     """ConfigError when `backend` cannot train `recipe` on this machine: `model.dtype: float16` on JAX
     running on a CPU (XLA:CPU has no float16 x float16 -> float32 dot; TensorFlow and PyTorch train
-    float16 on a CPU). Imports JAX only in that case, to ask which platform it runs on."""
+    float16 on a CPU). Imports JAX only in that case, to ask which platform it runs on. And
+    `distribution.mode` other than none on a backend without Keras' distribution support (`DISTRIBUTED`):
+    Keras 3.15 distributes training only on JAX (its TensorFlow part lays out tensors but does not feed or
+    train; torch has none)."""
+    if recipe.distribution.mode != "none" and backend not in DISTRIBUTED:
+        raise ConfigError(f"distribution.mode {recipe.distribution.mode} needs a backend with Keras' distribution "
+                          f"support: {', '.join(DISTRIBUTED)} (this run uses {backend}); expected "
+                          f"--backend {DISTRIBUTED[0]}, or distribution.mode: none", where="distribution.mode")
     if recipe.model.dtype == "float16" and backend == "jax" and jax_platform() == "cpu":
         raise ConfigError("float16 does not train with the JAX backend on a CPU (XLA:CPU has no float16 matrix "
                           "product); expected model.dtype: bfloat16 or float32, or choose --backend tensorflow or "
@@ -163,6 +171,8 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
         add("quantize", "quantising the base model freezes it: it needs `lora:` adapters to train (QLoRA)")
     if "peft" in recipe.export.formats and recipe.lora is None:
         add("export.formats", "the peft format writes LoRA adapters: it needs `lora:`")
+    problems += _check_export_quantize(recipe)
+    problems += _check_mesh(recipe.distribution)
     train = recipe.train
     if train.max_steps is not None and train.warmup_steps >= train.max_steps:
         add("train.warmup_steps", f"expected fewer warmup steps than train.max_steps ({train.max_steps}), "
@@ -172,6 +182,39 @@ def _check_semantics(recipe: schema.Recipe, recipe_dir: Path, check_files: bool)
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / recipe.name)
     return problems
+
+
+def _check_export_quantize(recipe: schema.Recipe) -> list[Problem]:
+    """export.quantize must be a quantisation of every format it applies to (all but peft, which has none)."""
+    from gemma_tune.export import QUANTIZE
+
+    quantize, formats = recipe.export.quantize, recipe.export.formats
+    if quantize is None:
+        return []
+    applies = [fmt for fmt in formats if QUANTIZE[fmt]]
+    if not applies:
+        return [(("export", "quantize"), f"export.quantize {quantize} applies to gguf, keras or safetensors exports; "
+                                         f"export.formats lists {', '.join(formats) or 'none'}")]
+    wrong = [fmt for fmt in applies if quantize not in QUANTIZE[fmt]]
+    return [(("export", "quantize"), f"{quantize} is not a {fmt} quantisation; expected one of "
+                                     f"{', '.join(QUANTIZE[fmt])} (one export.quantize applies to every format)")
+            for fmt in wrong]
+
+
+def _check_mesh(section: schema.DistributionSection) -> list[Problem]:
+    """A mesh that no device count makes with its mode (data_parallel with a model axis, none with a mesh, a
+    product other than distribution.devices); the device count itself is checked when the run starts."""
+    import math
+
+    from gemma_tune.distribute.mesh import MeshError, mesh_shape
+
+    if section.mesh is None or section.mode == "auto":
+        return []
+    try:
+        mesh_shape(section.mode, section.mesh, section.devices or math.prod(section.mesh.values()))
+    except MeshError as e:
+        return [(tuple(e.key.split(".")), str(e))]
+    return []
 
 
 def _check_method_options(recipe: schema.Recipe, spec) -> list[Problem]:

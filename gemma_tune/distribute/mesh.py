@@ -78,7 +78,8 @@ def mesh_shape(mode: str, mesh: dict[str, int] | None, device_count: int) -> Mes
         model = max(1, device_count // batch)
     if batch * model != device_count:
         raise MeshError(f"mesh batch {batch} × model {model} = {batch * model} devices, but {device_count} are in "
-                        "use (distribution.devices, else all)")
+                        "use (distribution.devices, else all); expected axis sizes whose product is "
+                        f"{device_count}")
     if mode == "data_parallel" and model != 1:
         raise MeshError("data_parallel replicates the weights: its mesh has no model axis (use mode fsdp to shard)")
     return MeshShape(mode, batch=batch, model=model)

@@ -52,11 +52,14 @@ def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dic
     """
     import keras
 
-    with RunDirectory.open(run_dir if run_dir is not None else recipe.output_dir) as held:
-        return _train(recipe, held, resume, callbacks, keras.backend.backend())
+    from gemma_tune.distribute.setup import active, distribution_for
+
+    placement = distribution_for(recipe)  # a mesh the devices cannot make fails here, before the directory is held
+    with RunDirectory.open(run_dir if run_dir is not None else recipe.output_dir) as held, active(placement):
+        return _train(recipe, held, resume, callbacks, keras.backend.backend(), placement)
 
 
-def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
+def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placement) -> dict:
     from gemma_tune.data import prepare
     from gemma_tune.environment import report
     from gemma_tune.methods import build_method
@@ -72,11 +75,15 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     from gemma_tune.train.task import MethodTrainer
 
     run_dir = held.path
-    log.info("run %s on %s -> %s", recipe.name, backend, run_dir)
+    log.info("run %s on %s, %s -> %s", recipe.name, backend, placement.mesh.describe(), run_dir)
     for line in report(backend):
         log.info("%s", line)
     start = resuming.plan(held, recipe, resume)
     lm, tokenizer = build_for_recipe(recipe)
+    _log_plan(recipe, placement.mesh, backend, lm.architecture)
+    if getattr(placement.distribution, "replicated", None):
+        log.info("%d variables replicated: a dimension the mesh's model axis (%d) does not divide (e.g. %s)",
+                 len(placement.distribution.replicated), placement.mesh.model, placement.distribution.replicated[0])
     data = prepare(recipe.data, tokenizer, recipe.seed, architecture=lm.architecture)
     method = build_method(recipe)
     steps = total_steps(recipe.train, data.train, method)
@@ -161,6 +168,21 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str) -> dict:
     return {"history": sink.history(), "exports": exports, "summary": summary}
 
 
+def _log_plan(recipe, mesh, backend: str, architecture) -> None:
+    """The memory plan's one-line summary (gemma_tune.plan) before training starts, and its warning when the
+    accelerator's memory is known and the plan does not fit it (a CPU's memory is the host's: no warning)."""
+    from gemma_tune.environment import devices
+    from gemma_tune.plan import estimate
+
+    device = devices(backend)[0]
+    accelerator = device["kind"] in ("gpu", "tpu")
+    plan = estimate(recipe, mesh, architecture, platform=device["kind"] if accelerator or backend == "jax" else None)
+    log.info("%s", plan.summary_line())
+    warning = plan.warning(device["memory_bytes"]) if accelerator and device["memory_bytes"] else None
+    if warning:
+        log.warning("%s", warning)
+
+
 def _truncate_samples(path: Path, step: int) -> None:
     if not path.exists():
         return
@@ -171,13 +193,13 @@ def _truncate_samples(path: Path, step: int) -> None:
 
 def _export(recipe, model, tokenizer, run_dir: Path) -> dict[str, Path]:
     """`model`: what the run trained (the decoder, or a reward model: decoder and score head)."""
-    from gemma_tune.export import export_model
+    from gemma_tune.export import export_model, recipe_export_options
 
     exports = {}
     for fmt in recipe.export.formats:
         target = run_dir / "exports" / fmt
         exports[fmt] = export_model(model, tokenizer, target, fmt, merge_lora=recipe.export.merge_lora,
-                                    dtype=recipe.export.dtype, force=True)
+                                    dtype=recipe.export.dtype, force=True, **recipe_export_options(recipe, fmt))
         log.info("exported %s -> %s", fmt, exports[fmt])
     return exports
 

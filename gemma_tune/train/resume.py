@@ -3,7 +3,8 @@ built or changed, by one rule a user can predict:
 
 * A run continues from the directory's newest valid checkpoint when that checkpoint was written by the
   same run: the same resolved recipe, except for keys that do not change the steps themselves
-  (`FREE`: logging, evaluation, sampling, saving, export, compilation, where the directory lies) and the run's length
+  (`FREE`: logging, evaluation, sampling, saving, export, compilation, the device mesh, where the directory
+  lies) and the run's length
   (`train.max_steps` / `train.epochs`: a longer run continues, a shorter one may stop earlier, but
   never before the step already reached). A changed length under a decaying schedule follows the new
   length from the checkpoint on; the log says so.
@@ -30,7 +31,7 @@ from gemma_tune.train import checkpoint
 log = logging.getLogger("gemma_tune")
 
 FREE = ("name", "description", "output_dir", "export", "train.log_every", "train.eval_every", "train.save_every",
-        "train.sample_prompts", "train.jit_compile", "train.remat", "data.num_proc")
+        "train.sample_prompts", "train.jit_compile", "train.remat", "data.num_proc", "distribution")
 LENGTH = ("train.max_steps", "train.epochs")
 CONTINUABLE = ("backend", "train.learning_rate", "train.schedule", "train.warmup_steps", "train.max_grad_norm",
                "train.weight_decay")
