@@ -107,4 +107,6 @@ def report(backend: str, record: dict | None = None) -> list[str]:
     lines.append(f"host      {record['platform']}, {record['cpu']} ({cores} cores), Python {record['python']}")
     lines.append("versions  " + ", ".join(f"{name} {packages[name]}" for name in REPORTED if name in packages))
     lines.append(f"kernels   deterministic {deterministic_kernels(record['backend'])} (train.deterministic)")
-    return lines
+    from gemma_tune.distribute.hosts import job_line
+
+    return lines + ([job_line()] if job_line() else [])

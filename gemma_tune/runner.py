@@ -37,6 +37,10 @@ def run(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Iterable[str
         recipe = load_recipe(recipe, overrides)
     recipe.backend = select_backend(backend or recipe.backend)
     check_backend_support(recipe, recipe.backend)
+    if recipe.distribution.mode != "none":
+        from gemma_tune.distribute.hosts import join_job
+
+        join_job()  # a multi-host job that the environment describes (before JAX computes anything)
     if recipe.train.deterministic:
         use_deterministic_kernels(recipe.backend)
     set_random_seed(recipe.seed)

@@ -13,6 +13,9 @@ read when JAX starts. Keys of the result:
     replicated  {recipe: paths the mesh left replicated}
     refused     {case: {exit, made_dir}} for runs whose batch or mesh the 8 devices cannot make (messages on stderr)
     resumed     {mesh: [losses of steps 3, 4]} continuing an 8-device fsdp checkpoint of step 2 on 1 device and on 2 × 4
+    hosts       the fsdp run as two processes of 4 devices (`two_hosts`): exits, losses, checkpoints written, the
+                largest difference of its step-4 weights from the one-process run's, the losses of steps 3, 4
+                when it continues from step 2, the logs, and the exits of a recipe it refuses (sampling)
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +80,27 @@ def losses(run_dir: Path) -> tuple[list[float], float | None]:
     return train, (evals[-1] if evals else None)
 
 
+def two_hosts(run_dir: Path, extra: list[str]) -> list[int]:
+    """`gemma-tune run` of the fsdp case as a job of two processes of 4 CPU devices each (Keras' environment
+    variables, a coordinator on a free local port); their exit codes (their stderr in run_dir's parent)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    jobs = []
+    for index in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+               "KERAS_DISTRIBUTION_PROCESS_ID": str(index)}
+        log = open(run_dir.parent / f"{run_dir.name}.host{index}.log", "w")
+        jobs.append((subprocess.Popen([sys.executable, "-m", "gemma_tune", "run", RECIPE, "--backend", "jax", *SHORT,
+                                       *MESHES["fsdp"], *extra, f"output_dir={run_dir}"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT), log))
+    codes = [job.wait(timeout=900) for job, _ in jobs]
+    for _, log in jobs:
+        log.close()
+    return codes
+
+
 def main(work: Path) -> dict:
     out = {"losses": {}, "eval": {}, "layouts": {}, "replicated": {}, "refused": {}, "resumed": {}}
     for mode, extra in MESHES.items():
@@ -104,7 +130,29 @@ def main(work: Path) -> dict:
         shutil.rmtree(run_dir / "checkpoints" / "step_4")
         gemma_tune.run(RECIPE, SHORT + extra + [f"output_dir={run_dir}"])
         out["resumed"][name] = losses(run_dir)[0][2:]
+
+    hosts = work / "hosts"  # the fsdp run again over two processes, then continued from its step 2 the same way
+    out["hosts"] = {"exits": two_hosts(hosts, []), "losses": losses(hosts)[0],
+                    "checkpoints": sorted(p.name for p in (hosts / "checkpoints").iterdir())}
+    out["hosts"]["weights_vs_one_process"] = max_difference(hosts / "checkpoints" / "step_4",
+                                                            source / "checkpoints" / "step_4")
+    shutil.rmtree(hosts / "checkpoints" / "step_4")
+    out["hosts"]["resumed_exits"] = two_hosts(hosts, [])
+    out["hosts"]["resumed"] = losses(hosts)[0][2:]
+    out["hosts"]["log"] = "".join(text[:3000] + text[-3000:] for text in
+                                  ((work / f"hosts.host{i}.log").read_text() for i in (0, 1)))
+    out["hosts"]["refused"] = two_hosts(work / "hosts_sampling", ['train.sample_prompts=["hi"]'])
+    out["hosts"]["refusal"] = (work / "hosts_sampling.host0.log").read_text()[-1000:]
     return out
+
+
+def max_difference(one: Path, other: Path) -> float:
+    """The largest |difference| between the model weights of two checkpoints (the same keys)."""
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max(float(abs(a[k].astype("float64") - b[k]).max()) for k in a)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training over several devices (gemma_tune.distribute): data parallel and fsdp on 8 virtual CPU devices train
 as one device does, really shard what they say, refuse meshes and batches the devices cannot make, and continue
-an 8-device checkpoint on other meshes; a backend without Keras' distribution support refuses the section at
-validation.
+an 8-device checkpoint on other meshes; a job of two processes (hosts) of 4 devices each trains as one process,
+writes one checkpoint and continues from it; a backend without Keras' distribution support refuses the section
+at validation.
 
 The 8-device runs need a fresh JAX process (the device count is fixed when JAX starts): tests/mesh_worker.py
 makes them once for the module, in the JAX suite (it forces the JAX backend, so the other suites would repeat
@@ -127,3 +128,21 @@ if BACKEND == "jax":
     def test_an_eight_device_checkpoint_continues_on_another_mesh(mesh, where):
         result, _ = mesh
         np.testing.assert_allclose(result["resumed"][where], result["losses"]["fsdp"][2:], rtol=1e-5)
+
+    def test_two_hosts_train_as_one_and_write_one_checkpoint(mesh):
+        hosts, result = mesh[0]["hosts"], mesh[0]
+        assert hosts["exits"] == [0, 0], hosts["log"]
+        assert "job       process 0 of 2 (8 devices, 4 here)" in hosts["log"]
+        np.testing.assert_allclose(hosts["losses"], result["losses"]["fsdp"], rtol=1e-5)
+        assert hosts["checkpoints"] == ["step_2", "step_4"]  # the writer's, in the run directory
+        assert hosts["weights_vs_one_process"] < 1e-5  # the shards of both hosts, gathered
+
+    def test_two_hosts_continue_from_their_checkpoint(mesh):
+        hosts, result = mesh[0]["hosts"], mesh[0]
+        assert hosts["resumed_exits"] == [0, 0], hosts["log"]
+        np.testing.assert_allclose(hosts["resumed"], result["losses"]["fsdp"][2:], rtol=1e-5)
+
+    def test_a_multi_host_job_refuses_sampling_during_training(mesh):
+        hosts = mesh[0]["hosts"]
+        assert hosts["refused"] == [2, 2]
+        assert "train.sample_prompts" in hosts["refusal"] and "Traceback" not in hosts["refusal"]

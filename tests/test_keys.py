@@ -69,7 +69,7 @@ def test_an_unknown_section_suggests_close_names():
     with pytest.raises(ConfigError, match="did you mean train") as e:
         describe_keys("trian")
     assert e.value.where == "trian"
-    with pytest.raises(ConfigError, match="the sections are model, lora, data, train, preference, reward, rl, export"):
+    with pytest.raises(ConfigError, match="the sections are model, lora, data, train, preference, reward, rl, distribution, export"):
         describe_keys("nothing_like_it")
     with pytest.raises(ConfigError):
         describe_keys("data.trai")  # a prefix must end at a dot

@@ -13,7 +13,7 @@ Each batch's rows are split over every device of the mesh, so `train.batch_size`
 the device count (checked here, before anything is built). Inside `active`, Keras gives every variable
 its layout as it is created (the model, LoRA adapters, quantised kernels, the optimizer's slots) and
 places each batch per `get_data_layout`; a checkpoint holds whole (gathered) arrays, so it restores onto
-any mesh.
+any mesh. On a multi-host job (gemma_tune.distribute.hosts) the mesh spans every host's devices.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from gemma_tune.distribute.hosts import process_count
 from gemma_tune.distribute.mesh import MeshError, MeshShape, mesh_shape
 from gemma_tune.errors import ConfigError
 
@@ -75,6 +76,8 @@ def distribution_for(recipe) -> Plan:
 
     if recipe.distribution.mode == "none":
         return Plan(MeshShape("none"), None)
+    if process_count() > 1:
+        check_multi_host(recipe)
     devices = job_devices(recipe.distribution.devices)
     mesh = resolve_mesh(recipe, len(devices), accelerator_memory(devices[0]))
     if mesh.mode == "none":
@@ -92,6 +95,23 @@ def distribution_for(recipe) -> Plan:
         device_mesh = keras.distribution.DeviceMesh((mesh.batch, mesh.model), ["batch", "model"], devices)
         distribution = ShardedLayouts(device_mesh, auto_shard_dataset=False)
     return Plan(mesh, distribution)
+
+
+def check_multi_host(recipe) -> None:
+    """What a multi-host job does not run (its steps read the weights on one host, which no host holds
+    whole): sampling during training, exports at the end, online RL. ConfigError naming the key."""
+    if recipe.train.sample_prompts:
+        raise ConfigError("sampling during training does not run on a multi-host job; expected "
+                          "train.sample_prompts=[] (sample the checkpoint afterwards: gemma-tune generate RUN)",
+                          where="train.sample_prompts")
+    if recipe.export.formats:
+        raise ConfigError("a multi-host job writes checkpoints, not exports; expected export.formats=[] and the "
+                          "export made from the run's checkpoint on one host: gemma-tune export RUN --format FORMAT",
+                          where="export.formats")
+    if recipe.data.train.format == "prompt":
+        raise ConfigError(f"{recipe.method} samples completions from the weights each round, which a multi-host job "
+                          "does not run; expected one host (distribution.mode data_parallel or fsdp over its devices)",
+                          where="method")
 
 
 @contextlib.contextmanager

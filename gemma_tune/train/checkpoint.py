@@ -112,7 +112,10 @@ def nonfinite(variables) -> list[str]:
 
 
 def _numpy(variable) -> np.ndarray:
-    value = ops.convert_to_numpy(variable.value)
+    """The whole variable (on a multi-host job gathered from every host: every process calls this)."""
+    from gemma_tune.distribute.hosts import to_numpy
+
+    value = to_numpy(variable.value)
     if value.dtype.name == "bfloat16":
         value = value.astype(np.float32)
     return np.array(value, order="C")  # (np.ascontiguousarray would make scalars 1-D)
@@ -122,21 +125,29 @@ def save(run_dir: Path, step: int, trainer, state: dict, method_state: dict | No
     """Write checkpoint `step` of `trainer` (a `MethodTrainer`: its `model_variables` and its optimiser's)
     atomically and prune to the last `KEEP`; `state` goes to state.json with the global RNG states,
     `method_state` (arrays by name; None or {} = none) to method.safetensors.
-    Raises NonFiniteWeights, writing nothing, when a trained variable is not finite."""
+    Raises NonFiniteWeights, writing nothing, when a trained variable is not finite. On a multi-host job
+    every process gathers the arrays and only the writer (`gemma_tune.distribute.hosts.is_writer`) writes."""
     from safetensors.numpy import save_file
+
+    from gemma_tune.distribute.hosts import is_writer
 
     bad = nonfinite(trainer.trainable_variables)
     if bad:
         raise NonFiniteWeights(bad, len(trainer.trainable_variables))
+    writer = is_writer()
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = temp_path(final)
     try:
-        tmp.mkdir()
-        save_file({key: _numpy(v) for key, v in keyed_variables(trainer.model_variables).items()}, str(tmp / FILES[0]))
-        save_file({key: _numpy(v) for key, v in keyed_variables(trainer.optimizer.variables).items()},
-                  str(tmp / FILES[1]))
+        if writer:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        for name, variables in ((FILES[0], trainer.model_variables), (FILES[1], trainer.optimizer.variables)):
+            arrays = {key: _numpy(v) for key, v in keyed_variables(variables).items()}  # on every process
+            if writer:
+                save_file(arrays, str(tmp / name))
+        if not writer:
+            return final
         full_state = dict(state, step=step, rng=global_rng_state())
         (tmp / FILES[2]).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         names = FILES

@@ -9,7 +9,8 @@ uninterrupted run.
 
 Evaluation: every row once (`split.one_pass`), each batch with its own counts (a batch is its own step).
 
-`for_fit` hands an iterator to Keras: as is, except on TensorFlow, where it becomes a `tf.data`
+`for_fit` hands an iterator to Keras: as is (on a multi-host JAX job, each host's rows of every batch:
+`gemma_tune.distribute.hosts.local_rows`), except on TensorFlow, where it becomes a `tf.data`
 pipeline with the batch's static shapes (Keras' own generator adapter leaves the batch dimension
 unknown, and the chunked loss needs the token count of a batch when it is traced).
 
@@ -76,6 +77,10 @@ def for_fit(batches):
     on demand too (tf.data's injected prefetch off)."""
     import keras
 
+    if keras.backend.backend() == "jax":
+        from gemma_tune.distribute.hosts import local_rows
+
+        return local_rows(batches)  # as is on one host; each host's own rows of a multi-host job's batches
     if keras.backend.backend() != "tensorflow":
         return batches
     import tensorflow as tf

@@ -2,7 +2,8 @@
 to the exports. The method (`gemma_tune.methods`) says how batches are counted, what the forward pass
 yields, what is logged and which layers it adds; everything here is the same for every method.
 
-Steps: hold the run directory (`gemma_tune.rundir.RunDirectory`: lock, stale temporaries removed) ->
+Steps: hold the run directory (`gemma_tune.rundir.RunDirectory`: lock, stale temporaries removed; on a
+multi-host job process 0 holds it, the others a scratch directory of their own: gemma_tune.distribute.hosts) ->
 decide whether to continue or start afresh (resume.py, before anything is built) -> build the model
 and tokenizer (build.py) -> prepare the data -> optimiser and schedule (optim.py) -> restore the
 checkpoint when continuing (checkpoint.py) -> commit the run directory (only now: the previous run's
@@ -18,14 +19,19 @@ continues it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 
+from gemma_tune.distribute.hosts import agree, is_writer, process_count
+from gemma_tune.errors import ConfigError
 from gemma_tune.rundir import RunDirectory, atomic_write_text
 
 log = logging.getLogger("gemma_tune")
+REFUSED, FROM_SCRATCH = -2, -1  # what the writer tells the other hosts instead of a checkpoint's step
 
 
 SAMPLE_FILES = ("samples.jsonl", "completions.jsonl")  # rows with a "step", cut back to the step a resume starts at
@@ -55,11 +61,49 @@ def train(recipe, run_dir=None, resume: bool | None = None, callbacks=()) -> dic
     from gemma_tune.distribute.setup import active, distribution_for
 
     placement = distribution_for(recipe)  # a mesh the devices cannot make fails here, before the directory is held
-    with RunDirectory.open(run_dir if run_dir is not None else recipe.output_dir) as held, active(placement):
-        return _train(recipe, held, resume, callbacks, keras.backend.backend(), placement)
+    target = Path(run_dir if run_dir is not None else recipe.output_dir)
+    with _held(target) as held, active(placement):
+        return _train(recipe, held, resume, callbacks, keras.backend.backend(), placement, target)
 
 
-def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placement) -> dict:
+@contextlib.contextmanager
+def _held(target: Path):
+    """The run directory this process writes: `target`, or on a multi-host job's other processes a scratch one
+    of their own for their logs and metrics (gemma_tune.distribute.hosts), removed at the end."""
+    if is_writer():
+        with RunDirectory.open(target) as held:
+            yield held
+        return
+    with tempfile.TemporaryDirectory(prefix="gemma-tune-host-") as scratch, RunDirectory.open(Path(scratch) / "run") as held:
+        yield held
+
+
+def _agreed_start(held: RunDirectory, recipe, resume, target: Path):
+    """Where the run starts (a train/resume.py `Start`), decided by the writer and told to a multi-host job's
+    other processes (the checkpoint step they load from `target`, and whether the directory started afresh)."""
+    from gemma_tune.train import resume as resuming
+
+    if process_count() == 1:
+        return resuming.plan(held, recipe, resume)
+    if is_writer():
+        try:
+            start = resuming.plan(held, recipe, resume)
+        except BaseException:
+            agree(REFUSED)
+            raise
+        agree(start.step if start.checkpoint is not None else FROM_SCRATCH)
+        agree(int(start.fresh))
+        return start
+    step = agree(0)
+    if step == REFUSED:
+        raise ConfigError("process 0 refused to start the run (its log says why)", where=str(target))
+    fresh = bool(agree(0))
+    if step == FROM_SCRATCH:
+        return resuming.Start(fresh=fresh)
+    return resuming.Start(checkpoint=target / "checkpoints" / f"step_{step}", step=step, fresh=fresh)
+
+
+def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placement, target: Path) -> dict:
     from gemma_tune.data import prepare
     from gemma_tune.environment import report
     from gemma_tune.methods import build_method
@@ -78,7 +122,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placemen
     log.info("run %s on %s, %s -> %s", recipe.name, backend, placement.mesh.describe(), run_dir)
     for line in report(backend):
         log.info("%s", line)
-    start = resuming.plan(held, recipe, resume)
+    start = _agreed_start(held, recipe, resume, target)
     lm, tokenizer = build_for_recipe(recipe)
     _log_plan(recipe, placement.mesh, backend, lm.architecture)
     if getattr(placement.distribution, "replicated", None):
