@@ -10,6 +10,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402 - after the environment above
 
+# The suite runs on parallel workers (pytest-xdist, whole files per worker: pyproject's addopts). These
+# files take the longest (minutes each); they start first so that no worker is left with one at the end.
+LONGEST_FIRST = ("test_readme.py", "test_distribution.py", "test_notebooks.py", "test_grpo.py", "test_methods.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Order the collected tests: the files of LONGEST_FIRST, in that order, then the rest as collected."""
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="module")
 def tok():
