@@ -12,7 +12,8 @@ import pytest  # noqa: E402 - after the environment above
 
 # The suite runs on parallel workers (pytest-xdist, whole files per worker: pyproject's addopts). These
 # files take the longest (minutes each); they start first so that no worker is left with one at the end.
-LONGEST_FIRST = ("test_readme.py", "test_distribution.py", "test_notebooks.py", "test_grpo.py", "test_methods.py")
+LONGEST_FIRST = ("test_readme.py", "test_readme_quickstarts.py", "test_distribution.py", "test_notebooks.py",
+                 "test_grpo.py", "test_methods.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,46 +1,18 @@
-"""README's commands, run as written and in the order written (so the README cannot rot): every line of
-its shell blocks after the set-up section, and every Python block, each in a fresh interpreter, in a
-scratch directory that holds the project's recipes/, configs/ and data/. The main job is the quickstart
-itself (README's `gemma-tune run recipes/quickstart.yaml`); what it leaves is then checked."""
+"""README's commands of the main chain, run as written and in the order written (so the README cannot
+rot; tests/readme_steps.py says how): the quickstart itself (README's `gemma-tune run
+recipes/quickstart.yaml`), its continuation, exports and the Python API examples; what they leave is then
+checked. The other quickstarts' steps run in tests/test_readme_quickstarts.py."""
 
 import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
-
-
-def readme_steps() -> list[tuple[str, str]]:
-    """("bash", one command line) and ("python", one block), in README order, after the set-up section."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    steps = []
-    for match in BLOCK.finditer(text, text.index("## Using it")):
-        kind, body = match.groups()
-        if kind == "python":
-            steps.append((kind, body))
-        else:
-            steps += [(kind, line) for line in body.splitlines() if line.strip() and not line.startswith("#")]
-    return steps
+from readme_steps import bash_commands, is_other_quickstart, readme_steps, run_steps
 
 
 def test_readme_commands_run_in_order(tmp_path):
-    for name in ("recipes", "configs", "data"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    steps = readme_steps()
-    commands = [re.sub(r"\s+#.*$", "", step) for kind, step in steps if kind == "bash"]
-    assert "gemma-tune run recipes/quickstart.yaml" in commands, "README runs the main job"
-    for kind, step in steps:
-        command = ["bash", "-c", step] if kind == "bash" else [sys.executable, "-c", step]
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"README step failed: {step}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        assert "Traceback" not in done.stderr, step
+    steps = [(kind, step) for kind, step in readme_steps() if not is_other_quickstart(step)]
+    assert "gemma-tune run recipes/quickstart.yaml" in bash_commands(steps), "README runs the main job"
+    run_steps(steps, tmp_path)
 
     run_dir = tmp_path / "runs" / "quickstart"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -65,35 +37,4 @@ def test_readme_commands_run_in_order(tmp_path):
     trained = ops.convert_to_numpy(load_model(run_dir)(batch))
     for export in (run_dir / "exports" / "safetensors", run_dir / "exports" / "keras", tmp_path / "exports" / "quickstart-hf"):
         np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(batch)), trained, atol=1e-5,
-                                   err_msg=str(export))
-
-    # the GRPO quickstart: the reward climbs as the answer's layout is learnt; completions are kept with rewards
-    grpo_dir = tmp_path / "runs" / "quickstart-grpo"
-    grpo = [json.loads(line) for line in (grpo_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in grpo] == list(range(15, 151, 15))
-    def late(key):  # the last three logged steps: one step's 32 completions are a noisy estimate
-        return np.mean([r[key] for r in grpo[-3:]])
-
-    assert late("reward") > grpo[0]["reward"] + 0.25 and late("rewards/format") > 0.75
-    completions = (grpo_dir / "completions.jsonl").read_text().splitlines()
-    assert len(completions) == 150 * 8 and "answer_match" in json.loads(completions[-1])["rewards"]
-
-    # the vision quickstart: a tiny PaliGemma learns the bundled captions; its export computes what it trained
-    vision_dir = tmp_path / "runs" / "paligemma-quickstart"
-    vision = json.loads((vision_dir / "summary.json").read_text())
-    assert vision["status"] == "finished" and vision["steps"] == 300
-    assert vision["final_loss"] < vision["first_loss"] - 4.0
-    samples = [json.loads(line) for line in (vision_dir / "samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in samples] == [100, 100, 200, 200, 300, 300]
-    assert all(s["images"] and s["prompt"] == "caption en" for s in samples)
-    assert samples[-1]["completion"].startswith("a ")  # the caption grammar is learnt
-    from gemma_tune.data.images import load_images
-
-    pixels = load_images(["data/tiny_vision/images/141.png"], ROOT, 56, "bicubic")[None]
-    tokens = np.array([[512] * 16 + [2, 4, 339, 10]], np.int32)
-    inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens), "images": pixels,
-              "prefix_mask": np.ones_like(tokens)}
-    trained = ops.convert_to_numpy(load_model(vision_dir)(inputs))
-    for export in (vision_dir / "exports" / "safetensors", vision_dir / "exports" / "keras", tmp_path / "exports" / "paligemma-hf"):
-        np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(inputs)), trained, atol=1e-5,
                                    err_msg=str(export))
