@@ -139,7 +139,8 @@ def test_exports_without_a_tokenizer_write_the_weights_with_a_warning(model, flo
         peft_dir = export_model(model, None, tmp_path / "peft", "peft")
     assert caplog.text.count("no tokenizer was found") == 3
     assert [p.name for p in keras_dir.iterdir()] == ["model.keras"]
-    np.testing.assert_allclose(ours(load_keras_archive(keras_dir)), expected, atol=1e-5)
+    # LoRA merged into the kernels: float32 round-off of W + BA·s (1e-5 seen on torch), within the parity bound
+    np.testing.assert_allclose(ours(load_keras_archive(keras_dir)), expected, atol=1e-4)
     assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     config = json.loads((hf_dir / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 1, 0)
