@@ -6,6 +6,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Parallel workers share the cores: OpenMP threads (torch's) that spin while they wait take them from the
+# other workers (the torch suite took 15.5 min on 2 cores with spinning threads, 7.7 min without). Set
+# before any backend is imported; subprocesses and notebook kernels inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 import pytest  # noqa: E402 - after the environment above

@@ -35,17 +35,15 @@ BACKEND = os.environ["KERAS_BACKEND"]  # set by conftest.py when CI does not
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     """The name of a kernel spec that starts ipykernel with this interpreter (installed into a temporary prefix,
-    found through JUPYTER_PATH), so no other python3 kernel on the machine is picked.
-
-    The kernels' OpenMP threads (torch's) sleep while they wait, unless OMP_WAIT_POLICY says otherwise: spinning,
-    they make the torch notebooks 10 to 50 times slower on a machine whose cores are busy with other work."""
+    found through JUPYTER_PATH), so no other python3 kernel on the machine is picked. The kernels inherit
+    conftest.py's OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads (torch's) made the torch notebooks 10 to 50
+    times slower on a machine whose cores are busy with other work."""
     from ipykernel.kernelspec import install
 
     prefix = tmp_path_factory.mktemp("jupyter")
     install(kernel_name=KERNEL, prefix=str(prefix))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-        mp.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         yield KERNEL
 
 
