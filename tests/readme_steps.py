@@ -29,8 +29,13 @@ def readme_steps() -> list[tuple[str, str]]:
     return steps
 
 
-def is_other_quickstart(step: str) -> bool:
-    return any(name in step for name in OTHER_QUICKSTARTS)
+def chain_steps(chain: str) -> list[tuple[str, str]]:
+    """readme_steps() of one chain, in README order: "main" (no step names one of OTHER_QUICKSTARTS) or
+    "quickstarts" (every step that does); together they are every step."""
+    if chain not in ("main", "quickstarts"):
+        raise ValueError(f"chain is main or quickstarts, not {chain!r}")
+    return [(kind, step) for kind, step in readme_steps()
+            if any(name in step for name in OTHER_QUICKSTARTS) == (chain == "quickstarts")]
 
 
 def run_steps(steps: list[tuple[str, str]], workdir: Path) -> None:

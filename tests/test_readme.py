@@ -6,11 +6,11 @@ checked. The other quickstarts' steps run in tests/test_readme_quickstarts.py.""
 import json
 
 import numpy as np
-from readme_steps import bash_commands, is_other_quickstart, readme_steps, run_steps
+from readme_steps import bash_commands, chain_steps, run_steps
 
 
 def test_readme_commands_run_in_order(tmp_path):
-    steps = [(kind, step) for kind, step in readme_steps() if not is_other_quickstart(step)]
+    steps = chain_steps("main")
     assert "gemma-tune run recipes/quickstart.yaml" in bash_commands(steps), "README runs the main job"
     run_steps(steps, tmp_path)
 

@@ -6,14 +6,14 @@ import json
 
 import numpy as np
 from keras import ops
-from readme_steps import ROOT, bash_commands, is_other_quickstart, readme_steps, run_steps
+from readme_steps import ROOT, bash_commands, chain_steps, run_steps
 
 from gemma_tune.data.images import load_images
 from gemma_tune.loading import load_model
 
 
 def test_readme_quickstarts_run_in_order(tmp_path):
-    steps = [(kind, step) for kind, step in readme_steps() if is_other_quickstart(step)]
+    steps = chain_steps("quickstarts")
     commands = bash_commands(steps)
     for recipe in ("quickstart_dpo", "quickstart_simpo", "quickstart_grpo", "paligemma_quickstart"):
         assert f"gemma-tune run recipes/{recipe}.yaml" in commands, recipe
