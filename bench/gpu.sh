@@ -5,9 +5,14 @@
 #   2. ours at 1 x 8192.
 # `bench/gpu.sh more` runs instead: full fine-tuning at 4 x 2048 (ours and keras-hub), and keras-hub
 # LoRA with the same dtype policy as ours (mixed_bfloat16: float32 variables, bfloat16 compute).
+# `bench/gpu.sh long` runs the long-context set: ours LoRA at 1 x 32768 on attention "auto" (cuDNN, dense
+# [B, T, T] masks) and "chunked" (tiles of 1024 queries, no mask), and keras-hub at 1 x 8192 (the anchor of
+# issue 17's 32k target). `bench/gpu.sh torch` runs ours on the torch backend at 4 x 2048, eager and
+# torch.compile (--jit true), beside keras-hub on torch.
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
+# XLONG_LENGTH (32768, the long set),
 # LONG_LENGTH (8192), STEPS (10), WARMUP (3), DTYPE (bfloat16), SYSTEM_TIMEOUT (190 s per system and
 # run), LONG_TIMEOUT (140 s, the 1 x 8192 run): 2 x 190 + 140 s at most, inside a 600 s device call.
 set -uo pipefail
@@ -17,7 +22,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gemma3_1b} BATCH=${BATCH:-4} LENGTH=${LENGTH:-2048} LONG_LENGTH=${LONG_LENGTH:-8192}
-STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16}
+STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16} XLONG_LENGTH=${XLONG_LENGTH:-32768}
 SYSTEM_TIMEOUT=${SYSTEM_TIMEOUT:-190} LONG_TIMEOUT=${LONG_TIMEOUT:-140}
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 
@@ -41,7 +46,16 @@ bench() {
         --warmup "$WARMUP" --out "$OUT/gpu.jsonl" "$@"
 }
 status=0
-if [ "${1:-main}" = more ]; then
+if [ "${1:-main}" = long ]; then
+    bench --batch 1 --length "$XLONG_LENGTH" --systems ours --timeout "$LONG_TIMEOUT" || status=1
+    bench --batch 1 --length "$XLONG_LENGTH" --systems ours --attention chunked --timeout "$LONG_TIMEOUT" || status=1
+    bench --batch 1 --length "$LONG_LENGTH" --systems keras-hub --timeout "$LONG_TIMEOUT" || status=1
+elif [ "${1:-main}" = torch ]; then
+    export KERAS_BACKEND=torch
+    bench --backend torch --batch "$BATCH" --length "$LENGTH" --jit false --timeout "$SYSTEM_TIMEOUT" || status=1
+    bench --backend torch --batch "$BATCH" --length "$LENGTH" --jit true --systems ours \
+        --timeout "$SYSTEM_TIMEOUT" || status=1
+elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \
         --timeout "$LONG_TIMEOUT" || status=1

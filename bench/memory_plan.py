@@ -50,6 +50,7 @@ GEMMA2 = ["model.architecture.family=gemma2", "model.architecture.use_qk_norm=fa
           "model.architecture.attn_logit_softcap=50.0", "model.architecture.final_logit_softcap=30.0",
           "model.architecture.sliding_window_pattern=2"]
 QUICK = "recipes/quickstart.yaml"
+LONG = "model.architecture.max_position_embeddings=32768"  # the tiny preset's context is 1024
 # The quickstart on a real preset's architecture (random init, the tiny tokenizer and chat data).
 PRESET = {"base": ["configs/data/tiny_chat.yaml"], "name": "memory_plan", "method": "sft",
           "model": {"preset": None, "tokenizer": "data/tiny/tokenizer.model", "dtype": "float32"},
@@ -76,6 +77,10 @@ CONFIGS: dict[str, tuple[str | dict, list[str], int]] = {
     "g270m_full_bf16_remat_2x256": (G270, ["train.batch_size=2", "data.max_length=256", "lora=null",
                                            "model.dtype=bfloat16", "train.remat=true"], 1),
     "g1b_3layers_lora_bf16_1x512": (G1B, ["train.batch_size=1", "data.max_length=512", "model.dtype=bfloat16"], 1),
+    # attention "auto" from 8192 tokens on: tiles of 1024 queries, no [T, T] scores kept
+    "mid_lora_f32_1x8192_chunked": (QUICK, MID + ["train.batch_size=1", "data.max_length=8192", LONG], 1),
+    "mid_gemma2_softcap_lora_f32_1x8192_chunked": (QUICK, MID + GEMMA2 + ["train.batch_size=1",
+                                                                         "data.max_length=8192", LONG], 1),
 }
 MESH_CONFIGS: dict[str, tuple[str | dict, list[str], int]] = {
     "mid_lora_f32_dp8": (QUICK, MID + ["train.batch_size=8", "distribution.mode=data_parallel"], 8),

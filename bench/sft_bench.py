@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jit", default="auto", choices=("auto", "true", "false"), help="compile(jit_compile=…)")
     p.add_argument("--remat", action="store_true", help="ours: rematerialise each block (train.remat)")
     p.add_argument("--loss-chunk-size", type=int, default=1024, help="ours: train.loss_chunk_size")
-    p.add_argument("--attention", default="auto", choices=("auto", "plain", "fused"), help="ours: attention path")
+    p.add_argument("--attention", default="auto", choices=("auto", "plain", "fused", "chunked"),
+                   help="ours: attention path")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
     p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"), choices=("jax", "tensorflow", "torch"))
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by device name)")

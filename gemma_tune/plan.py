@@ -52,13 +52,16 @@ or it carries LoRA):
     LoRA        r·c per adapted projection (x·A)
     scores      per row and head T² · 12 on the dense path: the exponentials and the probabilities in float32,
                 the latter twice (the layouts of the softmax's and of the value product's backward); + 8 for
-                Gemma 2's soft-cap (plain path: tanh and its derivative); 0 on the flash path (cuDNN)
+                Gemma 2's soft-cap (plain path: tanh and its derivative); 0 on the flash path (cuDNN) and on
+                the chunked path (rows of at least CHUNKED_FROM tokens where cuDNN does not apply: each tile of
+                CHUNK_ROWS queries is recomputed in the backward)
     weights     mixed precision: each kernel's cast to c (block kernels · c); bfloat16 LoRA: the factors'
                 casts r·(in + out)·c
 
 Around the blocks: the embedding output, the final norm's input and output (3·d·f per token); mixed
 precision's cast of the embedding for the loss (V·d·c). Block backward: one cotangent per MLP residual, or
-the scores' float32 cotangents (8 bytes per score), whichever is larger. Loss chunk (every method but reward;
+the scores' float32 cotangents (8 bytes per score), whichever is larger (chunked: one tile's recomputed
+scores and their cotangents). Loss chunk (every method but reward;
 C = min(train.loss_chunk_size, tokens), a chunk of positions over all rows for the sequence methods): the
 float32 logits and their exponentials, C·V·2f, + C·V·c for the product before its cast when c ≠ f, + C·V·f
 for online RL's entropy. A vision tower keeps activations only where it trains (model.train_vision:
@@ -99,6 +102,7 @@ from dataclasses import dataclass, field, replace
 
 from gemma_tune.distribute.mesh import MeshError, MeshShape, mesh_shape
 from gemma_tune.errors import ConfigError
+from gemma_tune.models.tiling import CHUNK_ROWS, CHUNKED_FROM
 
 GiB = 2 ** 30
 GB = 10 ** 9
@@ -329,6 +333,11 @@ def step_shape(recipe, arch, mesh: MeshShape) -> StepShape:
     return StepShape(rows, length, chunk, rows * length * arrays * 4 + image_bytes, images)
 
 
+def attention_in_chunks(queries: int, flash: bool) -> bool:
+    """Whether attention "auto" runs `queries` in tiles of CHUNK_ROWS (`gemma_tune.models.attention`)."""
+    return not flash and queries >= CHUNKED_FROM
+
+
 def attention_bytes_per_score(softcapped: bool, flash: bool = False) -> int:
     """Bytes the dense attention keeps per (row, head, query, key): the masked logits' exponentials and the
     probabilities in float32, the latter twice (in the layouts of the softmax's and of the value product's
@@ -358,6 +367,11 @@ class BlockShape:
         targets = frozenset(recipe.lora.targets) if recipe.lora else frozenset()
         return cls(arch, storage.compute, recipe.lora is None, targets, recipe.lora.rank if recipe.lora else 0,
                    shape.tokens, shape.rows, shape.length, flash)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether attention "auto" takes the chunked path (`attention_in_chunks`)."""
+        return attention_in_chunks(self.length, self.flash)
 
     def trained(self, *names: str) -> bool:
         """Whether one of these projections trains (its kernel, or LoRA on it): its input is then kept."""
@@ -390,7 +404,7 @@ def attention_residuals(b: BlockShape) -> int:
     if arch.use_qk_norm:
         per_token += (q + kv) * f * (3 if b.full else 2)
     per_token += b.rank * c * len(b.targets)  # x·A of each adapter
-    per_score = attention_bytes_per_score(arch.attn_logit_softcap is not None, b.flash)
+    per_score = attention_bytes_per_score(arch.attn_logit_softcap is not None, b.flash or b.chunked)
     scores = b.rows * arch.num_heads * b.length ** 2 * per_score
     return b.tokens * per_token + scores
 
@@ -400,11 +414,27 @@ def block_residuals(b: BlockShape) -> int:
     return mlp_residuals(b) + attention_residuals(b)
 
 
-def block_backward_bytes(b: BlockShape) -> int:
+def block_backward_bytes(b: BlockShape, platform: str | None = None) -> int:
     """The top block's backward beyond its residuals: one cotangent per MLP residual, or the scores'
-    cotangents (probabilities and logits, float32) on the dense path, whichever is larger."""
+    cotangents (probabilities and logits, float32) on the dense path, whichever is larger. On the chunked path
+    the scores are recomputed tile by tile: one tile's scores and their cotangents at a time, or on XLA:CPU,
+    which schedules every tile's recomputation of a layer before its backward, all the tiles' scores of a
+    global layer (12 bytes each, 40 soft-capped: measured by bench/memory_plan.py at 8192 tokens)."""
     scores = 0 if b.flash else b.rows * b.arch.num_heads * b.length ** 2 * 8
+    if b.chunked:
+        per_score = attention_bytes_per_score(b.arch.attn_logit_softcap is not None)
+        if platform == "cpu":
+            cpu_per_score = 40 if b.arch.attn_logit_softcap is not None else 12
+            scores = b.rows * b.arch.num_heads * causal_tile_scores(b.length) * cpu_per_score
+        else:
+            scores = b.rows * b.arch.num_heads * min(CHUNK_ROWS, b.length) * b.length * (per_score + 8)
     return max(mlp_residuals(b), scores)
+
+
+def causal_tile_scores(length: int) -> int:
+    """(query, key) pairs the tiles of a global causal layer hold: queries [s, s + CHUNK_ROWS) over keys [0, stop)."""
+    return sum((min(start + CHUNK_ROWS, length) - start) * min(start + CHUNK_ROWS, length)
+               for start in range(0, length, CHUNK_ROWS))
 
 
 def block_weight_casts(arch, recipe, storage: Storage) -> int:
@@ -675,7 +705,8 @@ def estimate(recipe, mesh: MeshShape, architecture=None, *, platform: str | None
         **step_parts(arch, recipe, storage, shape, mesh, BlockShape.of(arch, recipe, storage, shape, flash), platform),
         loss_chunk=loss_chunk_bytes(recipe, arch, storage, shape.chunk_tokens),
         head_gradients=embedding * 4 // embedding_shards(arch, mesh) if recipe.lora is None else 0,
-        notes=plan_notes(recipe, arch, flash, platform), recipe=recipe, architecture=arch, platform=platform)
+        notes=plan_notes(recipe, arch, flash, attention_in_chunks(shape.length, flash), platform), recipe=recipe,
+        architecture=arch, platform=platform)
     return replace(plan, sampler=sampler_bytes(recipe, arch, storage, mesh, plan),
                    setup=setup_bytes(recipe, weights, mesh, plan))
 
@@ -696,7 +727,8 @@ def step_parts(arch, recipe, storage: Storage, shape: StepShape, mesh: MeshShape
         cpu_float32_copies(arch, storage, mesh) if platform == "cpu" else 0)
     parts = {"activations": {False: arch.num_layers * residuals + around,
                              True: shape.tokens * d * c * arch.num_layers + around},
-             "block_backward": {False: block_backward_bytes(block), True: residuals + block_backward_bytes(block)},
+             "block_backward": {False: block_backward_bytes(block, platform),
+                                True: residuals + block_backward_bytes(block, platform)},
              "weight_copies": {False: arch.num_layers * casts + fixed_copies, True: casts + fixed_copies},
              "gathered": gathered_bytes(arch, storage, mesh)}
     if platform == "cpu":  # XLA:CPU schedules every block's recomputation before the backward
@@ -723,9 +755,12 @@ def describe(recipe, arch, shape: StepShape) -> str:
             f"{shape.rows} rows × {shape.length} tokens")
 
 
-def plan_notes(recipe, arch, flash: bool, platform: str | None) -> tuple[str, ...]:
+def plan_notes(recipe, arch, flash: bool, chunked: bool, platform: str | None) -> tuple[str, ...]:
     notes = []
-    if not flash:
+    if chunked:
+        notes.append(f"attention in tiles of {CHUNK_ROWS} queries (rows of {CHUNKED_FROM} tokens or more): no [T, T] "
+                     "scores kept, one tile's recomputed in the backward")
+    elif not flash:
         notes.append("attention on the dense path ([T, T] probabilities kept per layer), as on CPUs and TPUs and "
                      "for float32, vision or soft-capped models; a GPU with bfloat16 takes the cuDNN flash path, "
                      "which keeps none (--platform gpu, or a GPU --device)")
@@ -786,7 +821,8 @@ def sampler_bytes(recipe, arch, storage: Storage, mesh: MeshShape, plan: MemoryP
     cache = 2 * arch.num_layers * rows * (prompt + new) * kv * c
     prefill = rows * prompt * (3 * arch.intermediate_size * c + 4 * arch.hidden_size * 4)
     per_score = attention_bytes_per_score(arch.attn_logit_softcap is not None)
-    prefill += rows * arch.num_heads * prompt * (prompt + new) * per_score
+    queries = min(CHUNK_ROWS, prompt) if attention_in_chunks(prompt, flash=False) else prompt  # one tile
+    prefill += rows * arch.num_heads * queries * (prompt + new) * per_score
     logits = 4 * rows * arch.vocab_size * 4  # logits, probabilities, sorted values and indices (top-p)
     return plan.persistent() + cache + prefill + logits
 

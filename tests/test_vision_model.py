@@ -9,7 +9,7 @@ from keras import ops
 
 from gemma_tune.checkpoints.hf_names import name_map
 from gemma_tune.models import build_model, get_variable
-from gemma_tune.models.attention import attend, attention_mask
+from gemma_tune.models.attention import attend, attention_mask, attention_structure
 from gemma_tune.models.vision import attention_blocks, merge_images
 
 IMAGE = 512  # the tiny vision models' image token (conftest.tiny_vision_arch)
@@ -64,14 +64,17 @@ def test_merge_puts_soft_tokens_in_order_and_leaves_text():
 
 def test_cudnn_path_never_drops_a_non_causal_mask():
     q = np.ones((1, 4, 2, 8), "float32")
-    mask = np.ones((1, 4, 4), bool)
+    index, ones = np.arange(4, dtype="int32"), np.ones((1, 4), "int32")
+    structure = attention_structure(index, index, ones, ones, None, ones, ones, self_attention=True)  # one block
+    assert ops.convert_to_numpy(structure.dense()).all()
     with pytest.raises(ValueError, match="causal only"):
-        attend(q, q, q, mask, scale=1.0, softcap=None, implementation="cudnn", self_attention_window=None,
-               causal=False)
+        attend(q, q, q, structure, scale=1.0, softcap=None, implementation="cudnn")
     # "auto" with a non-causal mask takes an exact path: full attention over the uniform values
-    out = ops.convert_to_numpy(attend(q, q, q * np.arange(4, dtype="float32")[None, :, None, None], mask, scale=1.0,
-                                      softcap=None, implementation="auto", self_attention_window=None, causal=False))
-    np.testing.assert_allclose(out, np.full((1, 4, 2, 8), 1.5), atol=1e-6)
+    values = q * np.arange(4, dtype="float32")[None, :, None, None]
+    for implementation in ("auto", "chunked"):
+        out = ops.convert_to_numpy(attend(q, q, values, structure, scale=1.0, softcap=None,
+                                          implementation=implementation))
+        np.testing.assert_allclose(out, np.full((1, 4, 2, 8), 1.5), atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])

@@ -11,9 +11,17 @@ For query i and key j of one sequence (indices into the token axis, positions fr
 same attention block (PaliGemma's prefix, a Gemma 3 image: `gemma_tune.models.vision`), and on
 sliding-window layers i − j < window. Query heads share key/value heads in groups (GQA; MQA when
 there is one key/value head).
+
+A layer receives that rule as an `AttentionStructure` (indices, segments, blocks, window) and the dense
+[B, Tq, Tk] mask only when the path that runs needs it. The chunked path never builds it: it runs the
+reference equations over tiles of `tiling.CHUNK_ROWS` queries, each tile's mask made from the structure
+inside the tile, and keys no query of a causal tile may see (after its last query, before its window) left
+out of the tile; in training each tile is rematerialised, so a layer keeps O(T) for its backward, not [T, T].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import keras
 from keras import ops
@@ -21,6 +29,7 @@ from keras import ops
 from gemma_tune.models.layers import RMSNorm, apply_rope, rope_angles
 from gemma_tune.models.init import HostNormal
 from gemma_tune.models.projection import Projection
+from gemma_tune.models import tiling
 
 MASKED_LOGIT = -1e30
 
@@ -58,6 +67,67 @@ def attention_mask(query_index, key_index, query_segment, key_segment, window: i
     return ops.logical_or(allowed, self_slot)
 
 
+
+@dataclass(frozen=True, eq=False)
+class AttentionStructure:
+    """Which (query, key) pairs attend — the rule of `attention_mask`, as its inputs rather than its output.
+
+    `self_attention`: queries and keys are one frame (query i is key i: a forward pass without a cache), so a
+    causal tile of queries [start, stop) never sees keys ≥ stop, nor (sliding layers) keys ≤ start − window.
+    `mask`: the dense [B, Tq, Tk] mask, built once outside any rematerialised block when the path that runs
+    reads it; None on the chunked path (a dense path that meets None builds it then: `dense`).
+    """
+
+    query_index: object
+    key_index: object
+    query_segment: object
+    key_segment: object
+    window: int | None = None
+    query_block: object = None
+    key_block: object = None
+    window_bounds_blocks: bool = True
+    self_attention: bool = False
+    mask: object = None
+
+    @property
+    def causal(self) -> bool:
+        """No attention blocks: no key after its query is ever allowed."""
+        return self.query_block is None
+
+    def dense(self):
+        """The [B, Tq, Tk] mask (`mask` when it was built)."""
+        return self.mask if self.mask is not None else self.tile(0, None, 0, None)
+
+    def tile(self, start: int, stop: int | None, key_start: int, key_stop: int | None):
+        """The mask [B, stop − start, key_stop − key_start] of queries [start, stop) over keys
+        [key_start, key_stop)."""
+        query_block = None if self.query_block is None else self.query_block[:, start:stop]
+        key_block = None if self.key_block is None else self.key_block[:, key_start:key_stop]
+        return attention_mask(self.query_index[start:stop], self.key_index[key_start:key_stop],
+                              self.query_segment[:, start:stop], self.key_segment[:, key_start:key_stop],
+                              self.window, query_block, key_block, self.window_bounds_blocks)
+
+    def key_range(self, start: int, stop: int, keys: int) -> tuple[int, int]:
+        """The keys [first, last) that queries [start, stop) may see: all of them unless causal self-attention
+        bounds them by the tile's last query and the window."""
+        if not (self.self_attention and self.causal):
+            return 0, keys
+        first = 0 if self.window is None else max(0, start - self.window + 1)
+        return first, min(stop, keys)
+
+
+def attention_structure(query_index, key_index, query_segment, key_segment, window: int | None = None,
+                        query_block=None, key_block=None, *, window_bounds_blocks: bool = True,
+                        self_attention: bool = False, dense: bool = True) -> AttentionStructure:
+    """An `AttentionStructure`, with its dense mask built now when `dense`."""
+    structure = AttentionStructure(query_index, key_index, query_segment, key_segment, window, query_block,
+                                   key_block, window_bounds_blocks, self_attention)
+    if not dense:
+        return structure
+    return AttentionStructure(query_index, key_index, query_segment, key_segment, window, query_block,
+                              key_block, window_bounds_blocks, self_attention, mask=structure.dense())
+
+
 def plain_attention(query, key, value, mask, *, scale: float, softcap: float | None):
     """Reference attention in keras.ops. query [B, T, N, D], key/value [B, S, K, D], mask [B, T, S]."""
     length, num_heads, head_dim = ops.shape(query)[1], query.shape[2], query.shape[3]
@@ -84,6 +154,49 @@ def fused_attention(query, key, value, mask, *, scale: float):
     return ops.dot_product_attention(query, key, value, mask=mask[:, None, :, :], scale=scale)
 
 
+
+def chunked_attention(query, key, value, structure: AttentionStructure, *, scale: float, softcap: float | None,
+                      training: bool = False, rows: int | None = None):
+    """The attention of `rows` queries at a time, never the [B, Tq, Tk] mask (module docstring).
+
+    Each tile is the plain path (with a soft-cap) or the fused kernel over the keys `structure.key_range`
+    leaves it, under the mask `structure.tile` makes for it. Exact: a key left out of a tile is one the mask
+    forbids, whose probability is exactly 0 on the dense path. With `training` each tile is rematerialised
+    (`keras.remat`): its mask, logits and probabilities are recomputed in the backward. The whole float
+    queries, keys and values enter the rematerialised function and are sliced inside it, so the backward keeps
+    them once rather than each tile's slices. `rows`: queries per tile (`tiling.CHUNK_ROWS`).
+    """
+    rows = rows or tiling.CHUNK_ROWS
+    length, keys = query.shape[1], key.shape[1]
+    if length is None or keys is None:
+        raise ValueError("the chunked attention path needs static query and key lengths")
+    tiles = []
+    for start in range(0, length, rows):
+        stop = min(start + rows, length)
+        first, last = structure.key_range(start, stop, keys)
+
+        def tile(q, k, v, start=start, stop=stop, first=first, last=last):
+            q, k, v = q[:, start:stop], k[:, first:last], v[:, first:last]
+            mask = structure.tile(start, stop, first, last)
+            if softcap is not None:
+                return plain_attention(q, k, v, mask, scale=scale, softcap=softcap)
+            return fused_attention(q, k, v, mask, scale=scale)
+
+        run = keras.remat(tile) if training else tile
+        tiles.append(run(query, key, value))
+    return tiles[0] if len(tiles) == 1 else ops.concatenate(tiles, axis=1)
+
+
+def runs_in_chunks(implementation: str, query_length, dtype, causal_self_attention: bool) -> bool:
+    """Whether `attend` takes the chunked path: "chunked", or "auto" from `tiling.CHUNKED_FROM` queries on (a
+    static length) unless the cuDNN path applies (causal self-attention, JAX on a GPU, 16-bit)."""
+    if implementation == "chunked":
+        return True
+    if implementation != "auto" or not isinstance(query_length, int) or query_length < tiling.CHUNKED_FROM:
+        return False
+    return not (causal_self_attention and cudnn_attention_available(dtype))
+
+
 def cudnn_attention_available(dtype) -> bool:
     """Whether the cuDNN flash-attention fast path applies: JAX backend, a GPU, 16-bit compute."""
     if keras.backend.backend() != "jax" or str(dtype) not in ("bfloat16", "float16"):
@@ -107,38 +220,38 @@ def cudnn_attention(query, key, value, mask, *, scale: float, window: int | None
         local_window_size=(window - 1, 0) if window is not None else None, implementation="cudnn")
 
 
-def attend(query, key, value, mask, *, scale: float, softcap: float | None, implementation: str = "auto",
-           self_attention_window: int | None | bool = False, causal: bool = True):
+def attend(query, key, value, structure: AttentionStructure, *, scale: float, softcap: float | None,
+           implementation: str = "auto", training: bool = False):
     """Attention through the fastest exact path.
 
-    `implementation`: "plain" (keras.ops reference; the only one with a soft-cap), "fused"
+    `implementation`: "plain" (keras.ops reference over the dense mask), "fused"
     (`keras.ops.dot_product_attention`), "cudnn" (JAX GPU flash attention, causal self-attention only),
-    or "auto": cuDNN where it applies, else fused without a soft-cap, else plain.
-    `self_attention_window`: False when queries and keys are not one frame (decoding with a cache);
-    otherwise the layer's window (None for global layers), which the cuDNN path needs.
-    `causal`: False when `mask` allows some key after its query (attention blocks: a PaliGemma prefix, a
-    Gemma 3 image). cuDNN applies causal structure itself and would drop those pairs, so "auto" then
-    takes the fused path and "cudnn" is an error.
+    "chunked" (`chunked_attention`: tiles of queries, no dense mask; a soft-cap tile is plain), or "auto":
+    chunked where `runs_in_chunks`, else cuDNN where it applies, else fused without a soft-cap, else plain.
+    cuDNN applies causal structure itself and would drop the key-after-query pairs of attention blocks (a
+    PaliGemma prefix, a Gemma 3 image): with blocks "auto" takes the fused path and "cudnn" is an error.
     """
+    causal_self = structure.self_attention and structure.causal
+    if runs_in_chunks(implementation, query.shape[1], query.dtype, causal_self):
+        return chunked_attention(query, key, value, structure, scale=scale, softcap=softcap, training=training)
     if implementation == "plain" or (implementation == "auto" and softcap is not None):
-        return plain_attention(query, key, value, mask, scale=scale, softcap=softcap)
+        return plain_attention(query, key, value, structure.dense(), scale=scale, softcap=softcap)
     if softcap is not None:
         raise ValueError(f"the {implementation} attention kernel has no exact logit soft-cap")
-    self_attention = self_attention_window is not False
-    if implementation == "cudnn" or (implementation == "auto" and self_attention and causal
+    if implementation == "cudnn" or (implementation == "auto" and causal_self
                                      and cudnn_attention_available(query.dtype)):
-        if not self_attention:
+        if not structure.self_attention:
             raise ValueError("the cudnn attention path needs self-attention over one frame (no cache)")
-        if not causal:
+        if not structure.causal:
             raise ValueError("the cudnn attention path is causal only: it would drop the bidirectional attention "
                              "of image and prefix tokens; use attention implementation auto, fused or plain")
         if implementation == "cudnn":
-            return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
+            return cudnn_attention(query, key, value, structure.dense(), scale=scale, window=structure.window)
         try:  # "auto": cuDNN checks shapes, head size and its version while tracing
-            return cudnn_attention(query, key, value, mask, scale=scale, window=self_attention_window)
+            return cudnn_attention(query, key, value, structure.dense(), scale=scale, window=structure.window)
         except (ValueError, NotImplementedError, RuntimeError) as e:
             _warn_once(f"cuDNN attention unavailable here ({e}); using keras.ops.dot_product_attention")
-    return fused_attention(query, key, value, mask, scale=scale)
+    return fused_attention(query, key, value, structure.dense(), scale=scale)
 
 
 _WARNED: set[str] = set()
@@ -202,9 +315,8 @@ class GemmaAttention(keras.layers.Layer):
         cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, self.rope_scaling)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def call(self, x, positions, mask, cache=None, cache_index=None, training=None, causal=True):
-        """x [B, T, hidden]; mask [B, T, S] from `attention_mask`; `causal` False when the mask has attention
-        blocks (see `attend`).
+    def call(self, x, positions, structure, cache=None, cache_index=None, training=None):
+        """x [B, T, hidden]; `structure` an `AttentionStructure` of T queries over S keys.
 
         Without a cache S = T. With `cache` = (keys, values) [B, S, K, D], this step's keys and values are
         written at slots [cache_index, cache_index + T) and attention runs over all S slots; returns
@@ -217,9 +329,8 @@ class GemmaAttention(keras.layers.Layer):
             keys = ops.slice_update(keys, start, ops.cast(k, keys.dtype))
             values = ops.slice_update(values, start, ops.cast(v, values.dtype))
             k, v = keys, values
-        out = attend(q, k, v, mask, scale=self.query_scale, softcap=self.softcap,
-                     implementation=self.implementation,
-                     self_attention_window=False if cache is not None else self.window, causal=causal)
+        out = attend(q, k, v, structure, scale=self.query_scale, softcap=self.softcap,
+                     implementation=self.implementation, training=bool(training))
         length = ops.shape(x)[1]
         out = self.o_proj(ops.reshape(out, (-1, length, self.num_heads * self.head_dim)), training=training)
         return (out, (k, v)) if cache is not None else out

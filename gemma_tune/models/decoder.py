@@ -31,7 +31,7 @@ import math
 import keras
 from keras import ops
 
-from gemma_tune.models.attention import GemmaAttention, attention_mask
+from gemma_tune.models.attention import GemmaAttention, attention_structure, runs_in_chunks
 from gemma_tune.models.config import Architecture
 from gemma_tune.models.init import HostNormal, no_initial_draws
 from gemma_tune.models.layers import GatedMLP, RMSNorm
@@ -72,9 +72,9 @@ class DecoderBlock(keras.layers.Layer):
             if layer is not None:
                 layer.build(input_shape)
 
-    def call(self, x, positions, mask, cache=None, cache_index=None, training=None, causal=True):
-        attended = self.attention(self.pre_attention_norm(x), positions, mask, cache=cache,
-                                  cache_index=cache_index, training=training, causal=causal)
+    def call(self, x, positions, structure, cache=None, cache_index=None, training=None):
+        attended = self.attention(self.pre_attention_norm(x), positions, structure=structure, cache=cache,
+                                  cache_index=cache_index, training=training)
         if cache is not None:
             attended, cache = attended
         if self.post_attention_norm is not None:
@@ -141,12 +141,16 @@ class GemmaCausalLM(keras.Model):
             logits = ops.tanh(logits / cap) * cap
         return logits
 
-    def _masks(self, query_index, key_index, query_segment, key_segment, query_block=None, key_block=None):
-        """One mask per attention kind present: {None: global, window: sliding}."""
+    def _structures(self, query_index, key_index, query_segment, key_segment, query_block=None, key_block=None,
+                    *, self_attention: bool):
+        """One `AttentionStructure` per attention kind present: {None: global, window: sliding}, each with its
+        dense mask unless the layers attend in chunks (`runs_in_chunks`)."""
         windows = {block.attention.window for block in self.blocks}
-        bounded = not self.architecture.prefix_lm
-        return {w: attention_mask(query_index, key_index, query_segment, key_segment, w, query_block, key_block,
-                                  window_bounds_blocks=bounded) for w in windows}
+        chunked = runs_in_chunks(self.attention_implementation, query_segment.shape[1], self.compute_dtype,
+                                 self_attention and query_block is None)
+        return {w: attention_structure(query_index, key_index, query_segment, key_segment, w, query_block,
+                                       key_block, window_bounds_blocks=not self.architecture.prefix_lm,
+                                       self_attention=self_attention, dense=not chunked) for w in windows}
 
     def embed_inputs(self, token_ids, images=None, prefix_mask=None):
         """(hidden states entering the blocks [B, T, d], attention blocks [B, T] or None): the token
@@ -174,17 +178,16 @@ class GemmaCausalLM(keras.Model):
             segments = (ops.ones_like(token_ids) if padding is None else ops.cast(padding, "int32"))
             positions = ops.broadcast_to(index[None, :], ops.shape(token_ids))
         x, blocks = self.embed_inputs(token_ids, inputs.get("images"), inputs.get("prefix_mask"))
-        masks = self._masks(index, index, segments, segments, blocks, blocks)
-        causal = blocks is None
+        structures = self._structures(index, index, segments, segments, blocks, blocks, self_attention=True)
         for block in self.blocks:
-            mask = masks[block.attention.window]
+            structure = structures[block.attention.window]
             if self.remat and training:
-                # Only the hidden states pass through the rematerialised function: TensorFlow's
-                # recompute_grad takes no keyword arguments and would differentiate the boolean mask.
-                x = keras.remat(lambda h, block=block, mask=mask: block(h, positions, mask, training=True,
-                                                                         causal=causal))(x)
+                # Only the hidden states pass through the rematerialised function (the structure is closed
+                # over): TensorFlow's recompute_grad takes no keyword arguments and would differentiate it.
+                x = keras.remat(lambda h, block=block, structure=structure: block(
+                    h, positions, structure=structure, training=True))(x)
             else:
-                x = block(x, positions, mask, training=training, causal=causal)
+                x = block(x, positions, structure=structure, training=training)
         x = self.final_norm(x)
         if return_hidden_states:
             return x
@@ -219,12 +222,13 @@ class GemmaCausalLM(keras.Model):
         if key_blocks is not None:
             key_blocks = ops.cast(key_blocks, "int32")
             query_blocks = ops.slice(key_blocks, [0, cache_index], [batch, length])
-        masks = self._masks(query_index, key_index, query_segments, key_segments, query_blocks, key_blocks)
+        structures = self._structures(query_index, key_index, query_segments, key_segments, query_blocks,
+                                      key_blocks, self_attention=False)
         x, _ = self.embed_inputs(token_ids, images)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block(x, positions, masks[block.attention.window], cache=layer_cache,
-                                   cache_index=cache_index)
+            x, layer_cache = block(x, positions, structure=structures[block.attention.window],
+                                   cache=layer_cache, cache_index=cache_index)
             new_cache.append(layer_cache)
         return self.logits_from_hidden_states(self.final_norm(x)), new_cache
 
