@@ -77,7 +77,7 @@ CONFIGS: dict[str, tuple[str | dict, list[str], int]] = {
     "g270m_full_bf16_remat_2x256": (G270, ["train.batch_size=2", "data.max_length=256", "lora=null",
                                            "model.dtype=bfloat16", "train.remat=true"], 1),
     "g1b_3layers_lora_bf16_1x512": (G1B, ["train.batch_size=1", "data.max_length=512", "model.dtype=bfloat16"], 1),
-    # attention "auto" from 8192 tokens on: tiles of 1024 queries, no [T, T] scores kept
+    # attention "auto" from 2048 tokens on: tiles of 1024 queries, no [T, T] scores kept
     "mid_lora_f32_1x8192_chunked": (QUICK, MID + ["train.batch_size=1", "data.max_length=8192", LONG], 1),
     "mid_gemma2_softcap_lora_f32_1x8192_chunked": (QUICK, MID + GEMMA2 + ["train.batch_size=1",
                                                                          "data.max_length=8192", LONG], 1),
