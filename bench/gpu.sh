@@ -8,7 +8,7 @@
 # `bench/gpu.sh long` runs the long-context set: ours LoRA at 1 x 32768 on attention "auto" (cuDNN, dense
 # [B, T, T] masks) and "chunked" (tiles of 1024 queries, no mask), and keras-hub at 1 x 8192 (the anchor of
 # issue 17's 32k target). `bench/gpu.sh torch` runs ours on the torch backend at 4 x 2048, eager and
-# torch.compile (--jit true), beside keras-hub on torch.
+# torch.compile (ours-eager, ours-compiled), beside keras-hub on torch, in one invocation.
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
@@ -47,13 +47,11 @@ bench() {
 }
 status=0
 if [ "${1:-main}" = long ]; then
-    bench --batch 1 --length "$XLONG_LENGTH" --systems ours --timeout "$LONG_TIMEOUT" || status=1
-    bench --batch 1 --length "$XLONG_LENGTH" --systems ours --attention chunked --timeout "$LONG_TIMEOUT" || status=1
+    bench --batch 1 --length "$XLONG_LENGTH" --systems ours,ours-chunked --timeout "$LONG_TIMEOUT" || status=1
     bench --batch 1 --length "$LONG_LENGTH" --systems keras-hub --timeout "$LONG_TIMEOUT" || status=1
 elif [ "${1:-main}" = torch ]; then
     export KERAS_BACKEND=torch
-    bench --backend torch --batch "$BATCH" --length "$LENGTH" --jit false --timeout "$SYSTEM_TIMEOUT" || status=1
-    bench --backend torch --batch "$BATCH" --length "$LENGTH" --jit true --systems ours \
+    bench --backend torch --batch "$BATCH" --length "$LENGTH" --systems ours-eager,ours-compiled,keras-hub \
         --timeout "$SYSTEM_TIMEOUT" || status=1
 elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1

@@ -33,7 +33,11 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SYSTEMS = ("ours", "keras-hub")
+# ours' variants: the same trainer with one option set (a column each, beside "ours" and keras-hub in one run)
+OURS_VARIANTS = {"ours": {}, "ours-eager": {"jit": False}, "ours-compiled": {"jit": True},
+                 "ours-dense": {"attention": "fused"}, "ours-chunked": {"attention": "chunked"}}
+SYSTEMS = (*OURS_VARIANTS, "keras-hub")
+DEFAULT_SYSTEMS = ("ours", "keras-hub")
 ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exhausted)\b")  # "ValueError: …", "XlaRuntimeError: …"
 RATIOS = ("tokens_per_s", "step_s_median", "cpu_s_per_step", "peak_memory_gib", "peak_memory_above_baseline_gib")
 
@@ -61,7 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-chunk-size", type=int, default=1024, help="ours: train.loss_chunk_size")
     p.add_argument("--attention", default="auto", choices=("auto", "plain", "fused", "chunked"),
                    help="ours: attention path")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated subset of: " + ", ".join(SYSTEMS) + " (ours-eager / ours-compiled: --jit "
+                        "false / true for ours alone; ours-dense / ours-chunked: --attention fused / chunked)")
     p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"), choices=("jax", "tensorflow", "torch"))
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by device name)")
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +102,7 @@ def child(args) -> None:
     sys.path[:0] = [str(BENCH), str(ROOT)]
     from systems import run_system
 
-    record = run_system(args.child, config(args), architecture(args))
+    record = run_system(args.child, {**config(args), **OURS_VARIANTS.get(args.child, {})}, architecture(args))
     record["preset"] = args.preset
     record["arch_overrides"] = args.arch
     print("BENCH " + json.dumps(record), flush=True)
@@ -138,7 +144,7 @@ def table(records: list[dict]) -> str:
     by = {r["system"]: r for r in records}
     if any("repeats_tokens_per_s" in r for r in records):
         rows.insert(1, ("tokens/s of each repeat", None, None))
-    both = all(s in by and "error" not in by[s] for s in SYSTEMS)
+    both = all(s in by and "error" not in by[s] for s in DEFAULT_SYSTEMS)
     head = ["", *by] + (["ours / keras-hub"] if both else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key, fmt in rows:

@@ -194,7 +194,7 @@ def run_system(system: str, cfg: dict, arch) -> dict:
 
     baseline = resident_bytes()
     split = random_split(cfg["batch"], cfg["warmup"] + cfg["steps"], cfg["length"], arch.vocab_size, cfg["seed"])
-    raw = (run_ours if system == "ours" else run_keras_hub)(cfg, arch, split)
+    raw = (run_keras_hub if system == "keras-hub" else run_ours)(cfg, arch, split)  # ours and its variants
     flops = flops_per_token(raw["params_total"], raw["params_trainable"], arch, cfg["length"], cfg["full"])
     device = measure.accelerator()
     peak_flops = cfg["peak_tflops"] * 1e12 if cfg["peak_tflops"] else measure.peak_flops(device)
@@ -204,7 +204,8 @@ def run_system(system: str, cfg: dict, arch) -> dict:
     return {
         "system": system, "backend": keras.backend.backend(), "device": device or f"cpu ({os.cpu_count()} cores)",
         "mode": "full" if cfg["full"] else f"lora r{cfg['lora_rank']} {','.join(cfg['lora_targets'])}",
-        "batch": cfg["batch"], "length": cfg["length"], "dtype": cfg["dtype"], "jit": cfg["jit"], **raw,
+        "batch": cfg["batch"], "length": cfg["length"], "dtype": cfg["dtype"], "jit": cfg["jit"],
+        "attention": cfg["attention"] if system != "keras-hub" else None, **raw,
         "flops_per_token": flops["ours"], "tflops_per_s": rate * flops["ours"] / 1e12,
         "mfu": rate * flops["ours"] / peak_flops if peak_flops else None,
         "model_tflops_per_s": rate * flops["anchor"] / 1e12,

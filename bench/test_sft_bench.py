@@ -79,15 +79,17 @@ def test_failed_system_is_reported_without_ratios():
 
 
 def test_both_systems_run_end_to_end(tmp_path):
+    """ours, keras-hub and one of ours' variants (the chunked attention path) side by side."""
     out = tmp_path / "runs.jsonl"
     args = ["--preset", "gemma3_tiny", "--batch", "2", "--length", "32", "--dtype", "float32",
-            "--steps", "2", "--warmup", "1", "--out", str(out),
+            "--steps", "2", "--warmup", "1", "--out", str(out), "--systems", "ours,ours-chunked,keras-hub",
             "--backend", os.environ.get("KERAS_BACKEND", "jax")]
     done = subprocess.run([sys.executable, str(BENCH / "sft_bench.py"), *args], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["system"] for r in records] == ["ours", "keras-hub"]
+    assert [r["system"] for r in records] == ["ours", "ours-chunked", "keras-hub"]
+    assert [r["attention"] for r in records] == ["auto", "chunked", None]
     for r in records:
         assert r["timed_steps"] == 2 and r["batch"] == 2 and r["length"] == 32
         assert math.isfinite(r["loss_last"]) and r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0
