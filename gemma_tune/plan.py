@@ -54,7 +54,7 @@ or it carries LoRA):
                 the latter twice (the layouts of the softmax's and of the value product's backward); + 8 for
                 Gemma 2's soft-cap (plain path: tanh and its derivative); 0 on the flash path (cuDNN) and on
                 the chunked path (rows of at least CHUNKED_FROM tokens where cuDNN does not apply: each tile of
-                CHUNK_ROWS queries is recomputed in the backward)
+                `tile_queries` queries is recomputed in the backward)
     weights     mixed precision: each kernel's cast to c (block kernels · c); bfloat16 LoRA: the factors'
                 casts r·(in + out)·c
 
@@ -102,7 +102,7 @@ from dataclasses import dataclass, field, replace
 
 from gemma_tune.distribute.mesh import MeshError, MeshShape, mesh_shape
 from gemma_tune.errors import ConfigError
-from gemma_tune.models.tiling import CHUNK_ROWS, CHUNKED_FROM
+from gemma_tune.models.tiling import CHUNK_ROWS, CHUNKED_FROM, tile_queries
 
 GiB = 2 ** 30
 GB = 10 ** 9
@@ -334,7 +334,7 @@ def step_shape(recipe, arch, mesh: MeshShape) -> StepShape:
 
 
 def attention_in_chunks(queries: int, flash: bool) -> bool:
-    """Whether attention "auto" runs `queries` in tiles of CHUNK_ROWS (`gemma_tune.models.attention`)."""
+    """Whether attention "auto" runs `queries` in tiles (`gemma_tune.models.attention`)."""
     return not flash and queries >= CHUNKED_FROM
 
 
@@ -423,18 +423,18 @@ def block_backward_bytes(b: BlockShape, platform: str | None = None) -> int:
     scores = 0 if b.flash else b.rows * b.arch.num_heads * b.length ** 2 * 8
     if b.chunked:
         per_score = attention_bytes_per_score(b.arch.attn_logit_softcap is not None)
+        heads, tile = b.arch.num_heads, tile_queries(b.rows, b.arch.num_heads, b.length)
         if platform == "cpu":
             cpu_per_score = 40 if b.arch.attn_logit_softcap is not None else 12
-            scores = b.rows * b.arch.num_heads * causal_tile_scores(b.length) * cpu_per_score
+            scores = b.rows * heads * causal_tile_scores(b.length, tile) * cpu_per_score
         else:
-            scores = b.rows * b.arch.num_heads * min(CHUNK_ROWS, b.length) * b.length * (per_score + 8)
+            scores = b.rows * heads * min(tile, b.length) * b.length * (per_score + 8)
     return max(mlp_residuals(b), scores)
 
 
-def causal_tile_scores(length: int) -> int:
-    """(query, key) pairs the tiles of a global causal layer hold: queries [s, s + CHUNK_ROWS) over keys [0, stop)."""
-    return sum((min(start + CHUNK_ROWS, length) - start) * min(start + CHUNK_ROWS, length)
-               for start in range(0, length, CHUNK_ROWS))
+def causal_tile_scores(length: int, tile: int) -> int:
+    """(query, key) pairs the tiles of a global causal layer hold: queries [s, s + tile) over keys [0, s + tile)."""
+    return sum((min(start + tile, length) - start) * min(start + tile, length) for start in range(0, length, tile))
 
 
 def block_weight_casts(arch, recipe, storage: Storage) -> int:
@@ -758,7 +758,7 @@ def describe(recipe, arch, shape: StepShape) -> str:
 def plan_notes(recipe, arch, flash: bool, chunked: bool, platform: str | None) -> tuple[str, ...]:
     notes = []
     if chunked:
-        notes.append(f"attention in tiles of {CHUNK_ROWS} queries (rows of {CHUNKED_FROM} tokens or more): no [T, T] "
+        notes.append(f"attention in tiles of up to {CHUNK_ROWS} queries (rows of {CHUNKED_FROM} tokens or more): no [T, T] "
                      "scores kept, one tile's recomputed in the backward")
     elif not flash:
         notes.append("attention on the dense path ([T, T] probabilities kept per layer), as on CPUs and TPUs and "
@@ -821,7 +821,10 @@ def sampler_bytes(recipe, arch, storage: Storage, mesh: MeshShape, plan: MemoryP
     cache = 2 * arch.num_layers * rows * (prompt + new) * kv * c
     prefill = rows * prompt * (3 * arch.intermediate_size * c + 4 * arch.hidden_size * 4)
     per_score = attention_bytes_per_score(arch.attn_logit_softcap is not None)
-    queries = min(CHUNK_ROWS, prompt) if attention_in_chunks(prompt, flash=False) else prompt  # one tile
+    if attention_in_chunks(prompt, flash=False):  # one tile of the prefill at a time
+        queries = min(tile_queries(rows, arch.num_heads, prompt + new), prompt)
+    else:
+        queries = prompt
     prefill += rows * arch.num_heads * queries * (prompt + new) * per_score
     logits = 4 * rows * arch.vocab_size * 4  # logits, probabilities, sorted values and indices (top-p)
     return plan.persistent() + cache + prefill + logits

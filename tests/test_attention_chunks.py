@@ -60,7 +60,7 @@ def test_chunked_equals_plain_value_and_gradients(window, blocks, self_attention
         return ops.sum(out * weights)
 
     def tiled(q, k, v, weights):  # tiles of 4 rows (the last of 3), rematerialised as in training
-        out = chunked_attention(q, k, v, chunked, scale=0.3, softcap=softcap, training=True, rows=4)
+        out = chunked_attention(q, k, v, chunked, scale=0.3, softcap=softcap, training=True, tile_queries=4)
         return ops.sum(out * weights)
 
     expected, expected_grads = value_and_grads(plain, q, k, v, weights)
@@ -68,9 +68,16 @@ def test_chunked_equals_plain_value_and_gradients(window, blocks, self_attention
     np.testing.assert_allclose(numpy(got), numpy(expected), rtol=1e-5, atol=1e-5)
     for g, e in zip(got_grads, expected_grads):
         np.testing.assert_allclose(numpy(g), numpy(e), atol=1e-5)
-    inference = chunked_attention(q, k, v, chunked, scale=0.3, softcap=softcap, rows=4)
+    inference = chunked_attention(q, k, v, chunked, scale=0.3, softcap=softcap, tile_queries=4)
     np.testing.assert_allclose(numpy(inference), numpy(plain_attention(q, k, v, structure.dense(), scale=0.3,
                                                                        softcap=softcap)), atol=1e-5)
+
+
+def test_tiles_shrink_with_many_heads_and_keys():
+    assert tiling.tile_queries(1, 4, 32768) == 1024  # Gemma 3 1B at 32k: 4 heads
+    assert tiling.tile_queries(1, 32, 32768) == 128  # 27B: 32 heads, the tile's scores held to 2^27
+    assert tiling.tile_queries(2, 16, 8192) == 512
+    assert tiling.tile_queries(64, 64, 1 << 20) == tiling.MIN_TILE_QUERIES
 
 
 def test_causal_tiles_leave_out_only_forbidden_keys():

@@ -149,7 +149,9 @@ def test_long_rows_plan_the_chunked_attention_path():
     assert plan.block_backward == {False: tile, True: block + tile}
     every_tile = 2 * 1024 * 1024 * (1 + 2 + 3 + 4 + 5 + 6 + 7 + 8) * 12
     assert cpu.block_backward[False] == every_tile
-    assert any("tiles of 1024 queries" in note for note in plan.notes)
+    assert any("tiles of up to 1024 queries" in note for note in plan.notes)
+    many_heads = estimate(recipe(*long, "model.architecture.num_heads=64", "model.architecture.head_dim=1"), ONE)
+    assert many_heads.block_backward[False] == 64 * 256 * 8192 * 20  # tiles of 256 queries: 2^27 scores
     dense = estimate(recipe(*HAND, "data.max_length=1024", "train.batch_size=1"), ONE)  # one tile: dense
     assert dense.activations[False] == 2 * (1024 * 4 * 128 * 4 + 1568 * 1024 + 2 * 1024 ** 2 * 12) + 1024 * 3 * 64 * 4
 

@@ -14,7 +14,7 @@ there is one key/value head).
 
 A layer receives that rule as an `AttentionStructure` (indices, segments, blocks, window) and the dense
 [B, Tq, Tk] mask only when the path that runs needs it. The chunked path never builds it: it runs the
-reference equations over tiles of `tiling.CHUNK_ROWS` queries, each tile's mask made from the structure
+reference equations over tiles of queries (`tiling.tile_queries`), each tile's mask made from the structure
 inside the tile, and keys no query of a causal tile may see (after its last query, before its window) left
 out of the tile; in training each tile is rematerialised, so a layer keeps O(T) for its backward, not [T, T].
 """
@@ -156,23 +156,23 @@ def fused_attention(query, key, value, mask, *, scale: float):
 
 
 def chunked_attention(query, key, value, structure: AttentionStructure, *, scale: float, softcap: float | None,
-                      training: bool = False, rows: int | None = None):
-    """The attention of `rows` queries at a time, never the [B, Tq, Tk] mask (module docstring).
+                      training: bool = False, tile_queries: int | None = None):
+    """The attention of `tile_queries` queries at a time, never the [B, Tq, Tk] mask (module docstring).
 
     Each tile is the plain path (with a soft-cap) or the fused kernel over the keys `structure.key_range`
     leaves it, under the mask `structure.tile` makes for it. Exact: a key left out of a tile is one the mask
     forbids, whose probability is exactly 0 on the dense path. With `training` each tile is rematerialised
     (`keras.remat`): its mask, logits and probabilities are recomputed in the backward. The whole float
     queries, keys and values enter the rematerialised function and are sliced inside it, so the backward keeps
-    them once rather than each tile's slices. `rows`: queries per tile (`tiling.CHUNK_ROWS`).
+    them once rather than each tile's slices. `tile_queries` defaults to `tiling.tile_queries` of the shapes.
     """
-    rows = rows or tiling.CHUNK_ROWS
     length, keys = query.shape[1], key.shape[1]
     if length is None or keys is None:
         raise ValueError("the chunked attention path needs static query and key lengths")
+    step = tile_queries or tiling.tile_queries(query.shape[0] or 1, query.shape[2], keys)
     tiles = []
-    for start in range(0, length, rows):
-        stop = min(start + rows, length)
+    for start in range(0, length, step):
+        stop = min(start + step, length)
         first, last = structure.key_range(start, stop, keys)
 
         def tile(q, k, v, start=start, stop=stop, first=first, last=last):
