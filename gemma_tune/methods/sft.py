@@ -42,7 +42,7 @@ def _chunk_stats(hidden, embedding, targets, mask, softcap):
         logits = softcap * ops.tanh(logits / softcap)
     target_logit = ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
     nll = ops.logsumexp(logits, axis=-1) - target_logit
-    hit = ops.cast(ops.greater_equal(target_logit, ops.max(logits, axis=-1)), "float32")
+    hit = ops.cast(ops.greater_equal(target_logit, ops.amax(logits, axis=-1)), "float32")
     return ops.sum(nll * mask), ops.sum(hit * mask)
 
 

@@ -145,13 +145,26 @@ def plain_attention(query, key, value, mask, *, scale: float, softcap: float | N
 
 
 def fused_attention(query, key, value, mask, *, scale: float):
-    """`keras.ops.dot_product_attention` (flash / cuDNN / SDPA kernels where the backend has them)."""
+    """`keras.ops.dot_product_attention` (flash / cuDNN / SDPA kernels where the backend has them).
+
+    On torch the kernel is `scaled_dot_product_attention` with the mask as a bias, which rules out torch's flash
+    kernel: Keras is told so (`flash_attention=False`) instead of asking torch, whose check builds a pybind11
+    object that torch.compile cannot trace and so splits a compiled step's graph at every attention layer. The
+    kernel torch picks is the same either way.
+
+    One key/value head (MQA: Gemma 3 270M/1B, Gemma 1 2B) is repeated to the query heads on TensorFlow and torch:
+    Keras 3.15 repeats key/value heads only when there are several. On TensorFlow its einsum then fails; on
+    torch a single head reaches `scaled_dot_product_attention` as a broadcast, which its fused CUDA kernels
+    (memory-efficient, cuDNN) refuse without `enable_gqa` — torch would fall back to the math kernel, which
+    builds the [B, heads, T, S] scores.
+    """
     num_heads, num_kv = query.shape[2], key.shape[2]
-    if num_kv == 1 and num_heads > 1 and keras.backend.backend() == "tensorflow":
-        # Keras 3.15's TensorFlow kernel repeats key/value heads only when there are several (MQA fails)
+    backend = keras.backend.backend()
+    if num_kv == 1 and num_heads > 1 and backend in ("tensorflow", "torch"):
         key = ops.repeat(key, num_heads, axis=2)
         value = ops.repeat(value, num_heads, axis=2)
-    return ops.dot_product_attention(query, key, value, mask=mask[:, None, :, :], scale=scale)
+    return ops.dot_product_attention(query, key, value, mask=mask[:, None, :, :], scale=scale,
+                                     flash_attention=False if backend == "torch" else None)
 
 
 
