@@ -3,7 +3,7 @@
 ours       gemma_tune's trainer exactly as `gemma-tune run` sets it up (gemma_tune.train.loop.train):
            `build_model` with the recipe's dtype policy, `enable_lora`, `build_optimizer` with a
            `WarmupSchedule` from a `TrainSection`, the `MethodTrainer` with the SFT method (chunked loss),
-           `compile(jit_compile=…)`, and Keras' `fit` over `train_batches` of a `Split` through
+           `compile(jit_compile=…)` (`auto` resolved as the trainer does), and Keras' `fit` over `train_batches` of a `Split` through
            `for_fit`, with the trainer's own `Throughput` callback.
 keras-hub  `Gemma3CausalLM` on a `Gemma3Backbone` with the same hyperparameters, `enable_lora(rank)`
            on the same projections, Keras AdamW, sparse cross-entropy from logits, trained with
@@ -91,9 +91,11 @@ def resident_bytes() -> int | None:
 def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
     """Trains gemma_tune's model per `cfg` on `split` (extra Keras `callbacks` last); the raw figures."""
     from gemma_tune.config.schema import TrainSection
+    from gemma_tune.environment import devices
     from gemma_tune.models import build_model, count_params, enable_lora
     from gemma_tune.train import measure
     from gemma_tune.train.build import POLICIES
+    from gemma_tune.train.compiling import jit_compile_for
     from gemma_tune.train.callbacks import Throughput
     from gemma_tune.train.data import for_fit, train_batches
     from gemma_tune.train.optim import WarmupSchedule, build_optimizer
@@ -113,7 +115,9 @@ def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
     optimizer = build_optimizer(train, schedule, loss_scaling=policy == "mixed_float16")
     method = SFT(recipe=None, options={})
     trainer = MethodTrainer(lm, method, chunk_size=train.loss_chunk_size, accum=train.grad_accum)
-    trainer.compile(optimizer=optimizer, jit_compile=train.jit_compile)
+    backend = keras.backend.backend()
+    trainer.compile(optimizer=optimizer,
+                    jit_compile=jit_compile_for(train.jit_compile, backend, devices(backend)[0]["kind"]))
     trainer.built = True
     optimizer.build(trainer.trainable_variables)
     counts = count_params(lm)

@@ -168,9 +168,12 @@ class TrainSection(Section):
     loss_chunk_size: int = Field(default=1024, gt=0, description="tokens per chunk of the chunked loss: the logits "
                                                                  "of this many tokens exist at once (smaller = less "
                                                                  "memory)")
-    jit_compile: bool | Literal["auto"] = Field(default="auto", description="compile the train step with XLA (Keras' "
-                                                                           "jit_compile); auto = Keras' choice for "
-                                                                           "the backend")
+    jit_compile: bool | Literal["auto"] = Field(default="auto", description="compile the train step (Keras' "
+                                                                           "jit_compile: XLA on JAX and TensorFlow, "
+                                                                           "torch.compile on torch); auto = XLA where "
+                                                                           "Keras chooses it, torch.compile on a GPU "
+                                                                           "(eager on a CPU, where compiling takes "
+                                                                           "minutes)")
     sample_prompts: list[str | SamplePrompt] = Field(
         default_factory=list, description="prompts completed greedily at each evaluation, written to samples.jsonl "
         "in the run directory: a string, or {prompt, images: [paths]} for a vision model (paths like data paths: "

@@ -105,11 +105,12 @@ def _agreed_start(held: RunDirectory, recipe, resume, target: Path):
 
 def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placement, target: Path) -> dict:
     from gemma_tune.data import prepare
-    from gemma_tune.environment import report
+    from gemma_tune.environment import devices, report
     from gemma_tune.methods import build_method
     from gemma_tune.models import count_params, trained_model
     from gemma_tune.train import checkpoint, measure, resume as resuming
     from gemma_tune.train.build import build_for_recipe
+    from gemma_tune.train.compiling import jit_compile_for
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
                                             RestoreRNG, StopRequest, Throughput)
     from gemma_tune.train.data import for_fit, no_read_ahead
@@ -136,7 +137,8 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placemen
     optimizer = build_optimizer(recipe.train, schedule, loss_scaling=recipe.model.dtype == "float16")
     method.setup(lm, data, run_dir, tokenizer=tokenizer)  # with the starting weights: before a checkpoint is restored
     trainer = MethodTrainer(lm, method, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
-    trainer.compile(optimizer=optimizer, jit_compile=recipe.train.jit_compile)
+    device_kind = devices(backend)[0]["kind"]
+    trainer.compile(optimizer=optimizer, jit_compile=jit_compile_for(recipe.train.jit_compile, backend, device_kind))
     trainer.built = True  # the wrapped model is built; nothing of its own to build
     optimizer.build(trainer.trainable_variables)
 

@@ -5,7 +5,8 @@ forward pass yields the method's statistics rather than logits.
 micro-batch; `compute_loss` returns `loss · accum` (Keras averages the gradients of the `accum`
 micro-steps of an accumulation step, and each micro-loss is already divided by the whole step's count,
 so the applied gradient is that of the step's objective); `compute_metrics` hands the statistics to the
-callbacks unchanged. The train step itself is Keras' own on every backend.
+callbacks unchanged. The train step itself is Keras' own on every backend; compiled on torch, its first call
+runs eagerly so that it compiles once (`gemma_tune.train.compiling.eager_first_call`).
 
 Batches are the data contract's dicts plus `step_<count>` [B] for each of the method's counts (every
 entry that count over the optimisation step the micro-batch belongs to; see `gemma_tune.train.data`).
@@ -14,6 +15,8 @@ entry that count over the optimisation step the micro-batch belongs to; see `gem
 from __future__ import annotations
 
 import keras
+
+from gemma_tune.train.compiling import eager_first_call
 
 
 class MethodTrainer(keras.Model):
@@ -40,3 +43,17 @@ class MethodTrainer(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         return dict(y_pred)
+
+    def make_train_function(self, force=False):
+        made = self.train_function is None or force
+        function = super().make_train_function(force)
+        if made:
+            self.train_function = eager_first_call(self.train_function)
+        return function
+
+    def make_test_function(self, force=False):
+        made = self.test_function is None or force
+        function = super().make_test_function(force)
+        if made:
+            self.test_function = eager_first_call(self.test_function)
+        return function

@@ -1,0 +1,43 @@
+"""Whether the train step is compiled (`train.jit_compile`), and how a compiled torch step compiles once.
+
+`jit_compile_for(setting, backend, device_kind)`: `true`/`false` as given; `auto` is Keras' choice on JAX and
+TensorFlow (XLA where the model supports it) and, on torch, `torch.compile` where the step runs on a GPU and
+eager on a CPU — Keras' own "auto" is always eager on torch. On a CPU compiling costs minutes of the
+compiler's time (about 100 s for a 2-layer tiny model on 2 cores) while the compiled step saves tens of
+milliseconds, so a short run is slower compiled; on a GPU an eager step spends its time in Keras' and torch's
+per-operation dispatch, which the compiled graph removes (bench/RESULTS.md, "torch.compile").
+
+A compiled torch function (`torch.compile` of Keras' train or test step) is traced by dynamo, which guards on
+the Python state the trace read. Keras creates some of that state during the first call: the global layer
+call context (`current_call_ctx`), each layer's `_parent_path`, the optimiser's weight-decay cache, and the
+trained variables' `.grad` (None until the first backward; the step's `zero_grad` reads it). Traced on the
+first call, the step would be guarded on their absence and compile again on the second.
+`eager_first_call(function)` runs the first call of a compiled function eagerly — the same step, the same
+results — and the compiled function from the second on, when that state is in its steady form: each step
+compiles once (tests/test_torch_compile.py trains and evaluates under dynamo's `error_on_recompile`).
+"""
+
+from __future__ import annotations
+
+
+def jit_compile_for(setting, backend: str, device_kind: str) -> bool | str:
+    """What `train.jit_compile` (`setting`: True, False or "auto") hands Keras' `compile` on `backend`, whose
+    first device is a `device_kind` ("cpu", "gpu", "tpu"; `gemma_tune.environment.devices`)."""
+    if setting != "auto" or backend != "torch":
+        return setting
+    return device_kind == "gpu"
+
+
+def eager_first_call(function):
+    """`function` unchanged unless it is a `torch.compile`d one; then a function that calls the original,
+    uncompiled, the first time and the compiled one after (module docstring)."""
+    eager = getattr(function, "_torchdynamo_orig_callable", None)
+    if eager is None:
+        return function
+    calls = [0]
+
+    def call(*args, **kwargs):
+        calls[0] += 1
+        return (eager if calls[0] == 1 else function)(*args, **kwargs)
+
+    return call

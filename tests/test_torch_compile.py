@@ -1,0 +1,106 @@
+"""A compiled torch step (`train.jit_compile`, gemma_tune.train.compiling): where "auto" compiles, that every
+forward the trainer runs traces as one graph (no graph break inside the model or the loss, for each attention
+path), and that a compiled run trains and evaluates with the eager run's losses while compiling each step once
+(dynamo's `error_on_recompile` on). The torch-only tests are defined in the torch suite alone."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import gemma_tune
+from gemma_tune.train.compiling import eager_first_call, jit_compile_for
+
+from test_train import recipe
+
+BACKEND = os.environ.get("KERAS_BACKEND", "jax")
+
+
+@pytest.mark.parametrize("setting,backend,device,expected", [
+    ("auto", "torch", "gpu", True), ("auto", "torch", "cpu", False), ("auto", "jax", "gpu", "auto"),
+    ("auto", "tensorflow", "cpu", "auto"), (True, "torch", "cpu", True), (False, "torch", "gpu", False),
+    (True, "jax", "cpu", True)])
+def test_auto_compiles_torch_on_a_gpu_and_leaves_xla_to_keras(setting, backend, device, expected):
+    assert jit_compile_for(setting, backend, device) == expected
+
+
+def test_an_uncompiled_function_is_left_as_it_is():
+    def step(x):
+        return x + 1
+
+    assert eager_first_call(step) is step
+
+
+if BACKEND == "torch":
+    import torch
+
+    from gemma_tune.backend import set_random_seed
+    from gemma_tune.config.presets import preset_architecture
+    from gemma_tune.methods.sft import SFT
+    from gemma_tune.models import build_model, enable_lora
+    from gemma_tune.train.task import MethodTrainer
+
+    def test_the_first_call_is_eager_and_the_rest_compiled():
+        graphs = []
+
+        def counting(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        once = eager_first_call(torch.compile(lambda x: x * 2, backend=counting))
+        assert float(once(torch.ones(()))) == 2.0 and graphs == []  # eager: nothing traced
+        assert [float(once(torch.ones(()))) for _ in range(2)] == [2.0, 2.0]
+        assert len(graphs) == 1  # traced once, for both compiled calls
+
+    def _trainer(preset: str, attention: str, remat: bool = False, **arch):
+        set_random_seed(0)
+        architecture = preset_architecture(preset, num_layers=2, **arch)
+        lm = build_model(architecture, attention_implementation=attention)
+        enable_lora(lm, 4, 8, targets=["q", "v"])
+        lm.remat = remat
+        return MethodTrainer(lm, SFT(recipe=None, options={}), chunk_size=16), architecture
+
+    def _batch(architecture, rows: int = 2, length: int = 48) -> dict:
+        """Packed rows of random tokens: three segments in row 0, padding at the end of row 1."""
+        rng = np.random.default_rng(0)
+        segments = np.array([[1] * 16 + [2] * 20 + [3] * 12, [1] * 40 + [0] * 8], "int32")[:rows, :length]
+        positions = np.concatenate([np.arange(16), np.arange(20), np.arange(12)])[None].repeat(rows, 0)
+        batch = {"token_ids": rng.integers(1, architecture.vocab_size, (rows, length)).astype("int32"),
+                 "segment_ids": segments, "positions": positions.astype("int32"),
+                 "target_ids": rng.integers(1, architecture.vocab_size, (rows, length)).astype("int32"),
+                 "loss_mask": (segments > 0).astype("float32")}
+        batch["step_targets"] = np.full((rows,), batch["loss_mask"].sum(), "float32")
+        return {k: torch.as_tensor(v) for k, v in batch.items()}
+
+    @pytest.mark.parametrize("preset,attention,remat,arch", [
+        ("gemma3_tiny", "auto", False, {"sliding_window": 8}),       # fused (scaled_dot_product_attention)
+        ("gemma3_tiny", "chunked", False, {"sliding_window": 8}),    # tiles of queries, each rematerialised
+        ("gemma3_tiny", "auto", False, {"attn_logit_softcap": 50.0, "final_logit_softcap": 30.0, "sliding_window_pattern": 2}),  # plain path
+    ])
+    def test_the_training_forward_traces_as_one_graph(preset, attention, remat, arch, monkeypatch):
+        from gemma_tune.models import tiling
+
+        monkeypatch.setattr(tiling, "tile_queries", lambda rows, heads, keys: 16)  # chunked: three tiles
+        trainer, architecture = _trainer(preset, attention, remat, **arch)
+        batch = _batch(architecture)
+
+        def forward(batch):
+            return trainer(batch, training=True)["loss"]
+
+        forward(batch)  # the trainer's first step runs eagerly (eager_first_call); dynamo traces the next
+        explained = torch._dynamo.explain(forward)(batch)
+        assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+        assert explained.graph_count == 1
+
+    def test_a_compiled_run_compiles_each_step_once_and_trains_as_the_eager_one(tmp_path, monkeypatch):
+        common = dict(lora={"rank": 4, "alpha": 8}, eval_data=True, max_steps=4, eval_every=2, batch_size=2)
+        eager = gemma_tune.run(recipe(tmp_path / "eager", jit_compile=False, **common))
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled = gemma_tune.run(recipe(tmp_path / "compiled", jit_compile=True, **common))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
+        assert compiled.history["step"] == [1, 2, 3, 4] and compiled.history["eval_step"] == [2, 4]
+        np.testing.assert_allclose(compiled.history["loss"], eager.history["loss"], rtol=1e-5)
+        np.testing.assert_allclose(compiled.history["eval_loss"], eager.history["eval_loss"], rtol=1e-5)
