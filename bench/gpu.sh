@@ -7,8 +7,10 @@
 # LoRA with the same dtype policy as ours (mixed_bfloat16: float32 variables, bfloat16 compute).
 # `bench/gpu.sh long` runs the long-context set: ours LoRA at 1 x 32768 on attention "auto" (cuDNN, dense
 # [B, T, T] masks) and "chunked" (tiles of 1024 queries, no mask), and keras-hub at 1 x 8192 (the anchor of
-# issue 17's 32k target). `bench/gpu.sh torch` runs ours on the torch backend at 4 x 2048, eager and
-# torch.compile (ours-eager, ours-compiled), beside keras-hub on torch, in one invocation.
+# issue 17's 32k target). `bench/gpu.sh torch` runs, on the torch backend at 4 x 2048, ours as a run gets
+# it (jit_compile auto: torch.compile on a GPU), ours eager and keras-hub on torch, then the transformers +
+# peft anchor (../shared/bench/anchors_gpu.py hf-lora, or $ANCHORS: carry a copy where ../shared is not
+# beside the checkout) at the same shape, its JSON line appended to gpu.jsonl.
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
@@ -51,8 +53,15 @@ if [ "${1:-main}" = long ]; then
     bench --batch 1 --length "$LONG_LENGTH" --systems keras-hub --timeout "$LONG_TIMEOUT" || status=1
 elif [ "${1:-main}" = torch ]; then
     export KERAS_BACKEND=torch
-    bench --backend torch --batch "$BATCH" --length "$LENGTH" --systems ours-eager,ours-compiled,keras-hub \
+    bench --backend torch --batch "$BATCH" --length "$LENGTH" --systems ours,ours-eager,keras-hub \
         --timeout "$SYSTEM_TIMEOUT" || status=1
+    ANCHORS=${ANCHORS:-../shared/bench/anchors_gpu.py}
+    if [ -f "$ANCHORS" ]; then
+        BATCH=$BATCH SEQ=$LENGTH STEPS=$STEPS timeout "$SYSTEM_TIMEOUT" "$PYTHON" "$ANCHORS" hf-lora \
+            | tee -a "$OUT/gpu.jsonl" || status=1
+    else
+        echo "no anchor script at $ANCHORS: transformers + peft not run"; status=1
+    fi
 elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \

@@ -140,7 +140,9 @@ def table(records: list[dict]) -> str:
             ("TFLOP/s (4N+2Nt+attn)", "tflops_per_s", ".2f"),
             ("MFU", "mfu", ".1%"), ("model TFLOP/s (anchor 6N/4N)", "model_tflops_per_s", ".2f"),
             ("params / trainable", None, None), ("dtype policy", "policy", "s"),
-            ("first step s (compile)", "first_step_s", ".1f"), ("loss first → last", None, None)]
+            ("first step s (compile)", "first_step_s", ".1f"),
+            ("slowest warm-up step s (torch: compiles in the 2nd)", "slowest_warmup_step_s", ".1f"),
+            ("loss first → last", None, None)]
     by = {r["system"]: r for r in records}
     if any("repeats_tokens_per_s" in r for r in records):
         rows.insert(1, ("tokens/s of each repeat", None, None))
