@@ -11,6 +11,9 @@
 # it (jit_compile auto: torch.compile on a GPU), ours eager and keras-hub on torch, then the transformers +
 # peft anchor (../shared/bench/anchors_gpu.py hf-lora, or $ANCHORS: carry a copy where ../shared is not
 # beside the checkout) at the same shape, its JSON line appended to gpu.jsonl.
+# `bench/gpu.sh all` is issue 17's set in one device call (under 600 s): JAX ours and keras-hub LoRA at
+# 4 x 2048, torch ours (compiled) and the transformers + peft anchor at 4 x 2048, JAX ours LoRA at 1 x 32768
+# (ALL_TIMEOUT s per system, 110 by default; STEPS 6 there unless set).
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
@@ -24,7 +27,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gemma3_1b} BATCH=${BATCH:-4} LENGTH=${LENGTH:-2048} LONG_LENGTH=${LONG_LENGTH:-8192}
-STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16} XLONG_LENGTH=${XLONG_LENGTH:-32768}
+STEPS_SET=${STEPS:-} STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DTYPE=${DTYPE:-bfloat16} XLONG_LENGTH=${XLONG_LENGTH:-32768}
 SYSTEM_TIMEOUT=${SYSTEM_TIMEOUT:-190} LONG_TIMEOUT=${LONG_TIMEOUT:-140}
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 
@@ -47,6 +50,14 @@ bench() {
     "$PYTHON" bench/sft_bench.py --preset "$PRESET" ${ARCH:-} --dtype "$DTYPE" --steps "$STEPS" \
         --warmup "$WARMUP" --out "$OUT/gpu.jsonl" "$@"
 }
+anchor() {  # transformers + peft LoRA at BATCH x LENGTH, its JSON line appended to gpu.jsonl
+    local script=${ANCHORS:-../shared/bench/anchors_gpu.py}
+    if [ ! -f "$script" ]; then
+        echo "no anchor script at $script: transformers + peft not run"; return 1
+    fi
+    BATCH=$BATCH SEQ=$LENGTH STEPS=$STEPS timeout "${ALL_TIMEOUT:-$SYSTEM_TIMEOUT}" "$PYTHON" "$script" hf-lora \
+        | tee -a "$OUT/gpu.jsonl"
+}
 status=0
 if [ "${1:-main}" = long ]; then
     bench --batch 1 --length "$XLONG_LENGTH" --systems ours,ours-chunked --timeout "$LONG_TIMEOUT" || status=1
@@ -55,13 +66,15 @@ elif [ "${1:-main}" = torch ]; then
     export KERAS_BACKEND=torch
     bench --backend torch --batch "$BATCH" --length "$LENGTH" --systems ours,ours-eager,keras-hub \
         --timeout "$SYSTEM_TIMEOUT" || status=1
-    ANCHORS=${ANCHORS:-../shared/bench/anchors_gpu.py}
-    if [ -f "$ANCHORS" ]; then
-        BATCH=$BATCH SEQ=$LENGTH STEPS=$STEPS timeout "$SYSTEM_TIMEOUT" "$PYTHON" "$ANCHORS" hf-lora \
-            | tee -a "$OUT/gpu.jsonl" || status=1
-    else
-        echo "no anchor script at $ANCHORS: transformers + peft not run"; status=1
-    fi
+    anchor || status=1
+elif [ "${1:-main}" = all ]; then
+    ALL_TIMEOUT=${ALL_TIMEOUT:-110}
+    [ -n "${STEPS_SET:-}" ] || STEPS=6
+    bench --batch "$BATCH" --length "$LENGTH" --systems ours,keras-hub --timeout "$ALL_TIMEOUT" || status=1
+    KERAS_BACKEND=torch bench --backend torch --batch "$BATCH" --length "$LENGTH" --systems ours \
+        --timeout "$ALL_TIMEOUT" || status=1
+    anchor || status=1
+    bench --batch 1 --length "$XLONG_LENGTH" --systems ours --timeout "$ALL_TIMEOUT" || status=1
 elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \
