@@ -1,7 +1,7 @@
 """A compiled torch step (`train.jit_compile`, gemma_tune.train.compiling): where "auto" compiles, that every
 forward the trainer runs traces as one graph (no graph break inside the model or the loss, for each attention
-path), and that a compiled run trains and evaluates with the eager run's losses while compiling each step once
-(dynamo's `error_on_recompile` on). The torch-only tests are defined in the torch suite alone."""
+path and with block remat), and that a compiled run, with and without remat, trains and evaluates with the
+eager run's losses while compiling each step once (dynamo's `error_on_recompile` on). The torch-only tests are defined in the torch suite alone."""
 
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ if BACKEND == "torch":
     @pytest.mark.parametrize("preset,attention,remat,arch", [
         ("gemma3_tiny", "auto", False, {"sliding_window": 8}),       # fused (scaled_dot_product_attention)
         ("gemma3_tiny", "chunked", False, {"sliding_window": 8}),    # tiles of queries, each rematerialised
+        ("gemma3_tiny", "auto", True, {"sliding_window": 8}),        # block remat: the compiler's (models/remat.py)
         ("gemma3_tiny", "auto", False, {"attn_logit_softcap": 50.0, "final_logit_softcap": 30.0, "sliding_window_pattern": 2}),  # plain path
     ])
     def test_the_training_forward_traces_as_one_graph(preset, attention, remat, arch, monkeypatch):
@@ -94,12 +95,15 @@ if BACKEND == "torch":
         assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
         assert explained.graph_count == 1
 
-    def test_a_compiled_run_compiles_each_step_once_and_trains_as_the_eager_one(tmp_path, monkeypatch):
-        common = dict(lora={"rank": 4, "alpha": 8}, eval_data=True, max_steps=4, eval_every=2, batch_size=2)
+    @pytest.mark.parametrize("remat", [False, True])
+    def test_a_compiled_run_compiles_each_step_once_and_trains_as_the_eager_one(remat, tmp_path):
+        common = dict(lora={"rank": 4, "alpha": 8}, eval_data=True, max_steps=4, eval_every=2, batch_size=2,
+                      remat=remat)
         eager = gemma_tune.run(recipe(tmp_path / "eager", jit_compile=False, **common))
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        torch._dynamo.reset()  # the code of Keras' step is shared by every trainer of the process: forget others'
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        compiled = gemma_tune.run(recipe(tmp_path / "compiled", jit_compile=True, **common))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = gemma_tune.run(recipe(tmp_path / "compiled", jit_compile=True, **common))
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
         assert compiled.history["step"] == [1, 2, 3, 4] and compiled.history["eval_step"] == [2, 4]
         np.testing.assert_allclose(compiled.history["loss"], eager.history["loss"], rtol=1e-5)

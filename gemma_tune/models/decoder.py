@@ -35,6 +35,7 @@ from gemma_tune.models.attention import GemmaAttention, attention_structure, run
 from gemma_tune.models.config import Architecture
 from gemma_tune.models.init import HostNormal, no_initial_draws
 from gemma_tune.models.layers import GatedMLP, RMSNorm
+from gemma_tune.models.remat import rematerialised
 from gemma_tune.models.vision import VisionEmbedder, attention_blocks, merge_images
 
 
@@ -184,7 +185,7 @@ class GemmaCausalLM(keras.Model):
             if self.remat and training:
                 # Only the hidden states pass through the rematerialised function (the structure is closed
                 # over): TensorFlow's recompute_grad takes no keyword arguments and would differentiate it.
-                x = keras.remat(lambda h, block=block, structure=structure: block(
+                x = rematerialised(lambda h, block=block, structure=structure: block(
                     h, positions, structure=structure, training=True))(x)
             else:
                 x = block(x, positions, structure=structure, training=training)

@@ -48,7 +48,7 @@ class MethodTrainer(keras.Model):
         made = self.train_function is None or force
         function = super().make_train_function(force)
         if made:
-            self.train_function = eager_first_call(self.train_function)
+            self.train_function = eager_first_call(self.train_function, recompute=self.lm.remat)
         return function
 
     def make_test_function(self, force=False):
