@@ -26,6 +26,20 @@ def test_auto_compiles_torch_on_a_gpu_and_leaves_xla_to_keras(setting, backend, 
     assert jit_compile_for(setting, backend, device) == expected
 
 
+def test_pad_tail_appends_zeros_as_numpy_pads():
+    from keras import ops
+
+    from gemma_tune.methods.padding import pad_tail
+
+    x = np.arange(12, dtype="float32").reshape(2, 3, 2)
+    for axis in range(3):
+        widths = [(0, 0)] * 3
+        widths[axis] = (0, 2)
+        np.testing.assert_array_equal(ops.convert_to_numpy(pad_tail(ops.convert_to_tensor(x), 2, axis)),
+                                      np.pad(x, widths))
+    assert pad_tail(x, 0, axis=1) is x
+
+
 def test_an_uncompiled_function_is_left_as_it_is():
     def step(x):
         return x + 1
@@ -98,7 +112,7 @@ if BACKEND == "torch":
     @pytest.mark.parametrize("remat", [False, True])
     def test_a_compiled_run_compiles_each_step_once_and_trains_as_the_eager_one(remat, tmp_path):
         common = dict(lora={"rank": 4, "alpha": 8}, eval_data=True, max_steps=4, eval_every=2, batch_size=2,
-                      remat=remat)
+                      remat=remat, loss_chunk_size=96)  # 2 x 128 tokens: the loss pads its last chunk
         eager = gemma_tune.run(recipe(tmp_path / "eager", jit_compile=False, **common))
         torch._dynamo.reset()  # the code of Keras' step is shared by every trainer of the process: forget others'
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

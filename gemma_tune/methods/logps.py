@@ -21,6 +21,8 @@ import math
 import keras
 from keras import ops
 
+from gemma_tune.methods.padding import pad_tail
+
 
 def _chunk_logps(hidden, embedding, targets, mask, softcap):
     """Σ_t mask · log p(target) per row of one chunk: hidden [B, c, H], targets/mask [B, c] -> [B]."""
@@ -43,8 +45,8 @@ def _chunked(caller: str, hidden, per_token: list, chunk_size: int):
     chunks = math.ceil(length / chunk)
     pad = chunks * chunk - length
     if pad:
-        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        per_token = [ops.pad(a, ((0, 0), (0, pad))) for a in per_token]
+        hidden = pad_tail(hidden, pad, axis=1)
+        per_token = [pad_tail(a, pad, axis=1) for a in per_token]
     return chunk, chunks, hidden, per_token
 
 

@@ -28,6 +28,7 @@ import keras
 from keras import ops
 
 from gemma_tune.methods.base import Method, model_inputs, ratio
+from gemma_tune.methods.padding import pad_tail
 
 
 def _chunk_stats(hidden, embedding, targets, mask, softcap):
@@ -66,9 +67,9 @@ def sft_loss(hidden, embedding, target_ids, loss_mask, num_targets, *, chunk_siz
     chunks = math.ceil(tokens / chunk)
     if chunks * chunk != tokens:  # pad the tail: padded tokens have mask 0 and add nothing
         pad = chunks * chunk - tokens
-        hidden = ops.pad(hidden, ((0, pad), (0, 0)))
-        targets = ops.pad(targets, ((0, pad),))
-        mask = ops.pad(mask, ((0, pad),))
+        hidden = pad_tail(hidden, pad, axis=0)
+        targets = pad_tail(targets, pad, axis=0)
+        mask = pad_tail(mask, pad, axis=0)
 
     def stats(h, e, t, m):
         return _chunk_stats(h, e, t, m, final_logit_softcap)

@@ -98,6 +98,6 @@ def attention_blocks(token_ids, image_token_id: int, prefix_mask=None):
     if prefix_mask is not None:
         return ops.cast(ops.greater(ops.cast(prefix_mask, "int32"), 0), "int32")
     slots = ops.cast(image_slots(token_ids, image_token_id), "int32")
-    previous = ops.pad(slots[:, :-1], ((0, 0), (1, 0)))
+    previous = ops.concatenate([ops.zeros_like(slots[:, :1]), slots[:, :-1]], axis=1)  # not ops.pad: methods/padding.py
     starts = ops.cast(ops.logical_and(ops.equal(slots, 1), ops.equal(previous, 0)), "int32")
     return ops.cumsum(starts, axis=1) * slots
