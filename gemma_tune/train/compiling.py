@@ -3,9 +3,10 @@
 `jit_compile_for(setting, backend, device_kind)`: `true`/`false` as given; `auto` is Keras' choice on JAX and
 TensorFlow (XLA where the model supports it) and, on torch, `torch.compile` where the step runs on a GPU and
 eager on a CPU — Keras' own "auto" is always eager on torch. On a CPU compiling costs minutes of the
-compiler's time (about 100 s for a 2-layer tiny model on 2 cores) while the compiled step saves tens of
-milliseconds, so a short run is slower compiled; on a GPU an eager step spends its time in Keras' and torch's
-per-operation dispatch, which the compiled graph removes (bench/RESULTS.md, "torch.compile").
+compiler's time (79 s for the benchmark's 10M-parameter model on 2 cores) while the compiled step saves a
+fraction of a second (0.18 s there), so a short run is slower compiled; on a GPU an eager step spends its time
+in Keras' and torch's per-operation dispatch, which the compiled graph removes (bench/RESULTS.md,
+"torch.compile, one graph").
 
 A compiled torch function (`torch.compile` of Keras' train or test step) is traced by dynamo, which guards on
 the Python state the trace read. Keras creates some of that state during the first call: the global layer
@@ -14,7 +15,9 @@ trained variables' `.grad` (None until the first backward; the step's `zero_grad
 first call, the step would be guarded on their absence and compile again on the second.
 `eager_first_call(function)` runs the first call of a compiled function eagerly — the same step, the same
 results — and the compiled function from the second on, when that state is in its steady form: each step
-compiles once (tests/test_torch_compile.py trains and evaluates under dynamo's `error_on_recompile`).
+compiles once (tests/test_torch_compile.py trains and evaluates under dynamo's `error_on_recompile`). State
+that changes at every call must stay out of the step: `keras.ops.pad` names a new Keras `Operation` each time
+(`gemma_tune.methods.padding`).
 
 Block remat (`train.remat`) inside a compiled torch step is the compiler's: the blocks are traced whole
 (`gemma_tune.models.remat`) and AOTAutograd's partitioner, given an activation memory budget of 0, keeps only
