@@ -125,7 +125,8 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placemen
         log.info("%s", line)
     start = _agreed_start(held, recipe, resume, target)
     lm, tokenizer = build_for_recipe(recipe)
-    _log_plan(recipe, placement.mesh, backend, lm.architecture)
+    first_device = devices(backend)[0]
+    _log_plan(recipe, placement.mesh, backend, lm.architecture, first_device)
     if getattr(placement.distribution, "replicated", None):
         log.info("%d variables replicated: a dimension the mesh's model axis (%d) does not divide (e.g. %s)",
                  len(placement.distribution.replicated), placement.mesh.model, placement.distribution.replicated[0])
@@ -137,8 +138,8 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placemen
     optimizer = build_optimizer(recipe.train, schedule, loss_scaling=recipe.model.dtype == "float16")
     method.setup(lm, data, run_dir, tokenizer=tokenizer)  # with the starting weights: before a checkpoint is restored
     trainer = MethodTrainer(lm, method, chunk_size=recipe.train.loss_chunk_size, accum=recipe.train.grad_accum)
-    device_kind = devices(backend)[0]["kind"]
-    trainer.compile(optimizer=optimizer, jit_compile=jit_compile_for(recipe.train.jit_compile, backend, device_kind))
+    trainer.compile(optimizer=optimizer,
+                    jit_compile=jit_compile_for(recipe.train.jit_compile, backend, first_device["kind"]))
     trainer.built = True  # the wrapped model is built; nothing of its own to build
     optimizer.build(trainer.trainable_variables)
 
@@ -214,13 +215,12 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placemen
     return {"history": sink.history(), "exports": exports, "summary": summary}
 
 
-def _log_plan(recipe, mesh, backend: str, architecture) -> None:
+def _log_plan(recipe, mesh, backend: str, architecture, device: dict) -> None:
     """The memory plan's one-line summary (gemma_tune.plan) before training starts, and its warning when the
-    accelerator's memory is known and the plan does not fit it (a CPU's memory is the host's: no warning)."""
-    from gemma_tune.environment import devices
+    accelerator's memory is known and the plan does not fit it (a CPU's memory is the host's: no warning);
+    `device` is the first of `gemma_tune.environment.devices(backend)`."""
     from gemma_tune.plan import estimate
 
-    device = devices(backend)[0]
     accelerator = device["kind"] in ("gpu", "tpu")
     plan = estimate(recipe, mesh, architecture, platform=device["kind"] if accelerator or backend == "jax" else None)
     log.info("%s", plan.summary_line())
