@@ -32,11 +32,16 @@ A row ends at its first stop id, which is kept (tokens, lengths); its later slot
 Compilation: JAX jits the whole function over the variables' current values (`keras.StatelessScope`;
 the values are read at each call, so a changed weight changes the samples); TensorFlow runs it as a
 `tf.function` compiled by XLA (`jit_compile=True`, as keras-hub's generate; the while loop becomes
-`tf.while_loop`; 3.5× faster than without XLA for gemma3_tiny, 64 rows × 64 tokens on CPU); PyTorch eagerly
-under `torch.no_grad()` (the loop is a Python loop). The compiled functions are kept on the model per
-(temperature, top_k, top_p) while its variables stay the same: repeated calls with the same shapes compile
-nothing. The stop ids reach the loop as a mask over the vocabulary, so other stop ids compile nothing either
-(ids outside the vocabulary are never sampled and are ignored).
+`tf.while_loop`; 3.5× faster than without XLA for gemma3_tiny, 64 rows × 64 tokens on CPU); PyTorch runs the
+loop in Python under `torch.no_grad()`, its step (`_decode_step`: one token through the model and the sampling
+rule) eager, or with `compile_step` one compiled graph (`_torch_graph_step`; the KV cache written by
+`models.cache.write_slots`, the slot a tensor: one graph serves every step of a call and every call of the same
+shapes). Compiling costs tens of seconds (CPU) and pays off over many calls (online RL's rounds), so it is the
+caller's choice. The compiled functions are kept on the model per (temperature, top_k, top_p, compile_step) while
+its variables stay the same: repeated calls with the same shapes compile nothing, and `prompt_slots` (left-padding
+every prompt to at least that many slots, which changes no sample: padding slots are never attended) keeps the
+shapes the same when the longest prompt varies. The stop ids reach the loop as a mask over the vocabulary, so other
+stop ids compile nothing either (ids outside the vocabulary are never sampled and are ignored).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def next_tokens(logits, uniforms, temperature: float, top_k: int | None = None, 
         candidates, ids = scaled, None
         if top_k is not None or top_p is not None:
             candidates, ids = ops.top_k(scaled, top_k or vocab)  # sorted, largest first
-        weights = ops.exp(candidates - ops.max(candidates, axis=-1, keepdims=True))
+        weights = ops.exp(candidates - ops.amax(candidates, axis=-1, keepdims=True))
         if top_p is not None:  # keep a token while the mass of strictly more likely ones is below top_p
             before = ops.cumsum(weights, axis=-1) - weights
             weights = ops.where(before < top_p * ops.sum(weights, axis=-1, keepdims=True), weights, 0.0)
@@ -95,46 +100,62 @@ def next_tokens(logits, uniforms, temperature: float, top_k: int | None = None, 
     return tokens, logps
 
 
-def _decode(model, temperature, top_k, top_p, tokens, positions, key_segments, prompt_lengths, uniforms, is_stop,
-            pad_id, pixels, key_blocks):
+def _record(settings, i, z, out_tokens, out_logps, lengths, done, uniforms, is_stop, pad_id):
+    """Token i of every row from logits z [B, V], written at column i of out_tokens / out_logps [B, N]; rows
+    already done get pad_id and logp 0. Returns (token, out_tokens, out_logps, lengths, done)."""
+    from keras import ops
+
+    token, logp = next_tokens(z, ops.take(uniforms, i, axis=0), *settings)
+    token = ops.where(done, pad_id, token)
+    logp = ops.where(done, 0.0, logp)
+    here = ops.equal(ops.arange(ops.shape(out_tokens)[1], dtype="int32")[None, :], i)
+    out_tokens = ops.where(here, token[:, None], out_tokens)
+    out_logps = ops.where(here, logp[:, None], out_logps)
+    lengths = lengths + ops.cast(ops.logical_not(done), "int32")
+    stop = ops.take(is_stop, token, axis=0)
+    return token, out_tokens, out_logps, lengths, ops.logical_or(done, stop)
+
+
+def _decode_step(model, settings, i, last, cache, out_tokens, out_logps, lengths, done, key_segments, prompt_lengths,
+                 uniforms, is_stop, pad_id):
+    """Step i ≥ 1 of the loop: token i − 1 (`last`) fed at cache slot P + i − 1, token i recorded. Returns the
+    loop state (i + 1, last, cache, out_tokens, out_logps, lengths, done). P = S − N from the shapes."""
+    from keras import ops
+
+    prompt_len = ops.shape(key_segments)[1] - ops.shape(uniforms)[0]
+    logits, cache = model.call_with_cache(last[:, None], (prompt_lengths + i - 1)[:, None], key_segments, cache,
+                                          prompt_len + i - 1)
+    last, out_tokens, out_logps, lengths, done = _record(settings, i, logits[:, -1, :], out_tokens, out_logps,
+                                                         lengths, done, uniforms, is_stop, pad_id)
+    return i + 1, last, cache, out_tokens, out_logps, lengths, done
+
+
+def _decode(model, settings, step, tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id, pixels,
+            key_blocks):
     """The prefill and the decoding loop (module docstring), in keras.ops: (tokens, logps, lengths, stopped).
-    `is_stop` bool [vocab]: which ids are stop ids (one shape for any stop ids: nothing recompiles)."""
+    `settings` (temperature, top_k, top_p); `step` is `_decode_step` of this model and settings (compiled on
+    its own on torch); `is_stop` bool [vocab]: which ids are stop ids (one shape for any stop ids: nothing
+    recompiles)."""
     from keras import ops
 
     tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id = (
         ops.convert_to_tensor(x) for x in (tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id))
     batch, prompt_len = tokens.shape
     steps = uniforms.shape[0]
-    columns = ops.arange(steps, dtype="int32")[None, :]
-
-    def record(i, z, out_tokens, out_logps, lengths, done):
-        """Token i of every row from logits z [B, V], written at column i; rows already done get pad_id."""
-        token, logp = next_tokens(z, ops.take(uniforms, i, axis=0), temperature, top_k, top_p)
-        token = ops.where(done, pad_id, token)
-        logp = ops.where(done, 0.0, logp)
-        here = ops.equal(columns, i)
-        out_tokens = ops.where(here, token[:, None], out_tokens)
-        out_logps = ops.where(here, logp[:, None], out_logps)
-        lengths = lengths + ops.cast(ops.logical_not(done), "int32")
-        stop = ops.take(is_stop, token, axis=0)
-        return token, out_tokens, out_logps, lengths, ops.logical_or(done, stop)
-
     cache = model.init_cache(batch, prompt_len + steps)
     logits, cache = model.call_with_cache(tokens, positions, key_segments, cache, 0, pixels, key_blocks)
     out_tokens = ops.zeros((batch, steps), "int32") + pad_id
     out_logps = ops.zeros((batch, steps), "float32")
     lengths = ops.zeros((batch,), "int32")
     done = ops.zeros((batch,), "bool")
-    last, out_tokens, out_logps, lengths, done = record(0, logits[:, -1, :], out_tokens, out_logps, lengths, done)
+    last, out_tokens, out_logps, lengths, done = _record(settings, 0, logits[:, -1, :], out_tokens, out_logps,
+                                                         lengths, done, uniforms, is_stop, pad_id)
 
     def cond(i, last, cache, out_tokens, out_logps, lengths, done):
         return ops.logical_and(ops.less(i, steps), ops.logical_not(ops.all(done)))
 
-    def body(i, last, cache, out_tokens, out_logps, lengths, done):
-        logits, cache = model.call_with_cache(last[:, None], (prompt_lengths + i - 1)[:, None], key_segments, cache,
-                                              prompt_len + i - 1)
-        last, out_tokens, out_logps, lengths, done = record(i, logits[:, -1, :], out_tokens, out_logps, lengths, done)
-        return i + 1, last, cache, out_tokens, out_logps, lengths, done
+    def body(*state):
+        return step(*state, key_segments, prompt_lengths, uniforms, is_stop, pad_id)
 
     state = (ops.convert_to_tensor(1, "int32"), last, cache, out_tokens, out_logps, lengths, done)
     _, _, _, out_tokens, out_logps, lengths, done = ops.while_loop(cond, body, state)
@@ -149,8 +170,9 @@ class _Compiled:
         self.key, self.functions = key, {}
 
 
-def _compiled(model, temperature: float, top_k: int | None, top_p: float | None):
-    """`_decode` for these settings as the backend runs it best (module docstring), cached on the model."""
+def _compiled(model, temperature: float, top_k: int | None, top_p: float | None, compile_step: bool):
+    """`_decode` for these settings as the backend runs it best (module docstring), cached on the model.
+    `compile_step` (torch only): the loop's step as one compiled graph (`_torch_graph_step`)."""
     import functools
 
     import keras
@@ -162,10 +184,14 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None)
         holder = _Compiled(key)
         object.__setattr__(model, "_gemma_tune_sampler", holder)
     settings = (temperature, top_k, top_p)
-    if settings in holder.functions:
-        return holder.functions[settings]
-    decode = functools.partial(_decode, model, *settings)
     backend = keras.backend.backend()
+    compile_step = compile_step and backend == "torch"
+    if (settings, compile_step) in holder.functions:
+        return holder.functions[settings, compile_step]
+    step = functools.partial(_decode_step, model, settings)
+    if compile_step:
+        step = _torch_graph_step(step, variables)
+    decode = functools.partial(_decode, model, settings, step)
     if backend == "jax":
         import jax
 
@@ -187,13 +213,42 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None)
         def function(*args):
             with torch.no_grad():
                 return decode(*args)
-    holder.functions[settings] = function
+    holder.functions[settings, compile_step] = function
     return function
+
+
+def _torch_graph_step(step, variables):
+    """`step` on torch as one compiled graph per input shapes: traced by `make_fx` over fake tensors into an aten
+    graph whose inputs are the variables' values and the step's tensors, then compiled by `torch.compile`.
+
+    The graph holds no Python object, so a call costs what the graph computes: dynamo compiling `step` itself
+    guards on thousands of the Keras layers' attributes, whose checks took 2.9 ms of a 4.5 ms step (gemma3_tiny,
+    8 rows, one CPU thread) where the traced graph's step takes 1.3 ms. The values are read at each call (a
+    changed weight is used); with fake tensors a Python branch on a tensor's value fails the trace instead of
+    being baked into it."""
+    import keras
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def pure(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return step(*args)
+
+    graphs = {}
+
+    def run(*args):
+        values = [v.value for v in variables]
+        shapes = tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
+        if shapes not in graphs:
+            graphs[shapes] = torch.compile(make_fx(pure, tracing_mode="fake")(values, *args), dynamic=False)
+        return graphs[shapes](values, *args)
+
+    return run
 
 
 def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed=0, stop_ids: Sequence[int] = (),
-           pad_id: int = 0, images=None) -> Samples:
+           pad_id: int = 0, images=None, compile_step: bool = False, prompt_slots: int = 0) -> Samples:
     """`max_new_tokens` (N) new tokens after each prompt (token ids, bos included if wanted), sampled on the
     device in one compiled loop, with their log-probabilities (module docstring for the rule and `Samples`).
 
@@ -202,7 +257,10 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     preprocessed arrays [S, S, 3] in [−1, 1]; `vision_prompt.image_array`), an array [N, S, S, 3], or one
     image. A prompt holds `tokens_per_image` slots of `image_token_id` per image, laid out as
     `vision_prompt.prompt_ids` does (else a VisionPromptError); images for a model without a vision encoder
-    are a VisionPromptError, an image that cannot be read an ImageError naming it. An empty prompt,
+    are a VisionPromptError, an image that cannot be read an ImageError naming it. `compile_step` (PyTorch;
+    ignored elsewhere, where the whole loop is compiled): the loop's step compiled by torch.compile (module
+    docstring), the same samples as the eager step. `prompt_slots`: the prompts are left-padded to
+    max(longest prompt, prompt_slots) slots (one shape for prompts of varying lengths). An empty prompt,
     max_new_tokens < 1, temperature < 0, top_k < 1 or top_p outside (0, 1] is a ValueError."""
     from keras import ops
 
@@ -221,7 +279,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     vision_prompt.check_image_slots(arch, prompt_ids, rows)
     batch = len(prompt_ids)
     lengths = np.array([len(p) for p in prompt_ids], np.int32)
-    prompt_len = int(lengths.max())
+    prompt_len = max(int(lengths.max()), prompt_slots)
     total = prompt_len + max_new_tokens
     tokens = np.full((batch, prompt_len), pad_id, np.int32)
     key_segments = np.ones((batch, total), np.int32)
@@ -238,7 +296,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     uniforms = (1.0 - np.random.default_rng(seed).random((max_new_tokens, batch))).astype(np.float32)
     greedy = temperature == 0
     function = _compiled(model, 0.0 if greedy else float(temperature), None if greedy else top_k,
-                         None if greedy else top_p)
+                         None if greedy else top_p, compile_step)
     is_stop = np.zeros(arch.vocab_size, bool)
     is_stop[[int(s) for s in stop_ids if 0 <= int(s) < arch.vocab_size]] = True  # others are never sampled
     out = function(tokens, positions, key_segments, lengths, uniforms, is_stop, np.int32(pad_id), pixels, key_blocks)

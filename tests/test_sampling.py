@@ -246,3 +246,25 @@ def test_arguments_are_checked(model):
             sample(model, PROMPTS, **bad)
     with pytest.raises(ValueError, match="at least one token"):
         sample(model, [[2], []], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("start,length", [(0, 5), (3, 1), (6, 2)])
+def test_a_step_is_written_at_its_slots_as_numpy_assigns_it(start, length):
+    from gemma_tune.models.cache import write_slots
+
+    rng = np.random.default_rng(start)
+    cache = rng.normal(size=(2, 8, 1, 4)).astype("float32")
+    update = rng.normal(size=(2, length, 1, 4)).astype("float32")
+    expected = cache.copy()
+    expected[:, start:start + length] = update
+    written = write_slots(ops.convert_to_tensor(cache), ops.convert_to_tensor(update),
+                          ops.convert_to_tensor(start, "int32"))
+    np.testing.assert_array_equal(ops.convert_to_numpy(written), expected)
+
+
+def test_prompt_slots_pad_prompts_without_changing_a_sample(model):
+    settings = dict(max_new_tokens=6, temperature=0.9, seed=5)
+    plain = sample(model, PROMPTS, **settings)
+    padded = sample(model, PROMPTS, prompt_slots=20, **settings)  # the longest prompt has 14 tokens
+    np.testing.assert_array_equal(padded.tokens, plain.tokens)
+    np.testing.assert_allclose(padded.logps, plain.logps, atol=1e-5)

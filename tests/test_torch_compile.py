@@ -122,3 +122,37 @@ if BACKEND == "torch":
         assert compiled.history["step"] == [1, 2, 3, 4] and compiled.history["eval_step"] == [2, 4]
         np.testing.assert_allclose(compiled.history["loss"], eager.history["loss"], rtol=1e-5)
         np.testing.assert_allclose(compiled.history["eval_loss"], eager.history["eval_loss"], rtol=1e-5)
+
+    def _sampling_model():
+        set_random_seed(0)
+        return build_model(preset_architecture("gemma3_tiny", num_layers=2, sliding_window=8))
+
+    def test_compiled_decoding_samples_what_eager_decoding_samples_and_compiles_once():
+        from gemma_tune.sampling import sample
+
+        model = _sampling_model()
+        prompts = [[2] + list(range(20, 33)), [2, 7, 8], [2, 100, 101, 102, 103]]  # left-padded rows
+        settings = dict(max_new_tokens=10, temperature=0.7, top_k=40, top_p=0.9, stop_ids=[5, 9], pad_id=0,
+                        prompt_slots=16)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled = sample(model, prompts, seed=3, compile_step=True, **settings)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph: the step
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed in (3, 4):
+                eager = sample(model, prompts, seed=seed, **settings)
+                again = sample(model, prompts, seed=seed, compile_step=True, **settings)
+                np.testing.assert_array_equal(again.tokens, eager.tokens)
+                np.testing.assert_allclose(again.logps, eager.logps, atol=1e-5)
+                assert again.lengths.tolist() == eager.lengths.tolist()
+                assert again.stopped.tolist() == eager.stopped.tolist()
+            np.testing.assert_array_equal(compiled.tokens, sample(model, prompts, seed=3, **settings).tokens)
+            shorter = [p[:9] for p in prompts]  # a shorter longest prompt, the same slots: the same graph
+            np.testing.assert_array_equal(sample(model, shorter, seed=3, compile_step=True, **settings).tokens,
+                                          sample(model, shorter, seed=3, **settings).tokens)
+            scale = model.final_norm.scale  # new weights, the same variables: read at each call, nothing recompiles
+            scale.assign(np.random.default_rng(0).normal(0.0, 1.0, scale.shape).astype("float32"))
+            eager = sample(model, prompts, seed=3, **settings)
+            again = sample(model, prompts, seed=3, compile_step=True, **settings)
+        assert np.abs(eager.logps - compiled.logps).max() > 1e-2
+        np.testing.assert_array_equal(again.tokens, eager.tokens)
+        np.testing.assert_allclose(again.logps, eager.logps, atol=1e-5)

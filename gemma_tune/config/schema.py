@@ -173,7 +173,8 @@ class TrainSection(Section):
                                                                            "torch.compile on torch); auto = XLA where "
                                                                            "Keras chooses it, torch.compile on a GPU "
                                                                            "(eager on a CPU, where compiling takes "
-                                                                           "minutes)")
+                                                                           "minutes); on torch it also compiles "
+                                                                           "online RL's decoding step")
     sample_prompts: list[str | SamplePrompt] = Field(
         default_factory=list, description="prompts completed greedily at each evaluation, written to samples.jsonl "
         "in the run directory: a string, or {prompt, images: [paths]} for a vision model (paths like data paths: "

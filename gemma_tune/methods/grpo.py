@@ -66,6 +66,7 @@ class GRPO(Method):
         self.stream: Rollouts | None = None
         self._restored: dict | None = None
         self.lm = self.tokenizer = self.run_dir = None  # set by setup
+        self.compile_sampling = False  # the trainer's jit_compile, set by the streams: a compiled decoding step on torch
         self.logps = self.reference_logps = None  # TokenLogps of the policy (μ > 1) and the reference (β > 0)
 
     # ---- set-up ------------------------------------------------------------------------------------------
@@ -115,6 +116,7 @@ class GRPO(Method):
 
     # ---- batches -----------------------------------------------------------------------------------------
     def train_stream(self, trainer, split, *, batch_size, accum, seed, start_step, total_steps=None):
+        self.compile_sampling = trainer.jit_compile is True
         self.stream = Rollouts(self, split, batch_size=batch_size, accum=accum, seed=seed, start_step=start_step,
                                total_steps=total_steps if total_steps is not None else float("inf"),
                                run_dir=self.run_dir, restored=self._restored)
@@ -132,6 +134,7 @@ class GRPO(Method):
     def eval_stream(self, trainer, split, batch_size, step):
         """Completions of every eval prompt (batch_size prompts × G per batch), sampled now, before `evaluate`
         (which on JAX holds the weights outside the variables)."""
+        self.compile_sampling = trainer.jit_compile is True
         seed = self.recipe.seed
         batches = []
         for index, prompts in enumerate(split.one_pass(batch_size)):
@@ -195,13 +198,15 @@ class GRPO(Method):
 
     def _sample(self, ids: list[list[int]], seed, size: int):
         """(tokens, logps, lengths, stopped) of completions of the prompt `ids`, `size` at a time, the k-th
-        chunk with seed [*seed, k] (gemma_tune.sampling.sample)."""
+        chunk with seed [*seed, k] (gemma_tune.sampling.sample), every chunk's prompts in data.max_length slots
+        (one shape for every round: the sampler compiles once)."""
         from gemma_tune.sampling import sample
 
         o, tok = self.options, self.tokenizer
         parts = [sample(self.lm, ids[start:start + size], max_new_tokens=self.max_completion_length,
                         temperature=self.temperature, top_k=o["top_k"], top_p=o["top_p"], seed=[*seed, k],
-                        stop_ids=(tok.end_of_turn_id, tok.eos_id), pad_id=tok.pad_id)
+                        stop_ids=(tok.end_of_turn_id, tok.eos_id), pad_id=tok.pad_id,
+                        compile_step=self.compile_sampling, prompt_slots=self.recipe.data.max_length)
                  for k, start in enumerate(range(0, len(ids), size))]
         return tuple(np.concatenate([getattr(p, name) for p in parts])
                      for name in ("tokens", "logps", "lengths", "stopped"))

@@ -30,6 +30,7 @@ from gemma_tune.models.layers import RMSNorm, apply_rope, rope_angles
 from gemma_tune.models.init import HostNormal
 from gemma_tune.models.projection import Projection
 from gemma_tune.models import tiling
+from gemma_tune.models.cache import write_slots
 
 MASKED_LOGIT = -1e30
 
@@ -337,11 +338,7 @@ class GemmaAttention(keras.layers.Layer):
         """
         q, k, v = self.project_qkv(x, positions, training=training)
         if cache is not None:
-            keys, values = cache
-            start = [0, cache_index, 0, 0]
-            keys = ops.slice_update(keys, start, ops.cast(k, keys.dtype))
-            values = ops.slice_update(values, start, ops.cast(v, values.dtype))
-            k, v = keys, values
+            k, v = write_slots(cache[0], k, cache_index), write_slots(cache[1], v, cache_index)
         out = attend(q, k, v, structure, scale=self.query_scale, softcap=self.softcap,
                      implementation=self.implementation, training=bool(training))
         length = ops.shape(x)[1]

@@ -213,16 +213,16 @@ class GemmaCausalLM(keras.Model):
         Returns (logits [B, t, vocab], new cache).
         """
         token_ids = ops.convert_to_tensor(token_ids, "int32")
-        batch, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        length = ops.shape(token_ids)[1]
         key_segments = ops.cast(key_segments, "int32")
         cache_index = ops.convert_to_tensor(cache_index, "int32")  # a tensor: one compiled step for all slots
         query_index = cache_index + ops.arange(length, dtype="int32")
         key_index = ops.arange(ops.shape(key_segments)[1], dtype="int32")
-        query_segments = ops.slice(key_segments, [0, cache_index], [batch, length])
+        query_segments = ops.take(key_segments, query_index, axis=1)
         query_blocks = None
         if key_blocks is not None:
             key_blocks = ops.cast(key_blocks, "int32")
-            query_blocks = ops.slice(key_blocks, [0, cache_index], [batch, length])
+            query_blocks = ops.take(key_blocks, query_index, axis=1)
         structures = self._structures(query_index, key_index, query_segments, key_segments, query_blocks,
                                       key_blocks, self_attention=False)
         x, _ = self.embed_inputs(token_ids, images)
