@@ -1,7 +1,7 @@
 """Greedy decode speed: gemma_tune's on-device sampler next to the old host loop, keras-hub and transformers.
 
     python bench/decode_speed.py --backend jax                      # gemma3_tiny, batches 8 and 64, 32 + 64 tokens
-    python bench/decode_speed.py --backend torch --systems ours,host-loop
+    python bench/decode_speed.py --backend torch --systems ours,ours-compiled,transformers
     python bench/decode_speed.py --preset gemma3_1b --batch 64 --new-tokens 256 --dtype bfloat16   # a GPU run
 
 One random Gemma 3 (`--preset`, `--arch KEY=VALUE` overrides, `--seed`: Keras' initialisers, then the projection
@@ -15,6 +15,9 @@ greedy, with no stop id (every row runs the full length):
 
     ours        gemma_tune.sampling.sample(stop_ids=()): prefill + while loop, one compiled function
                 (JAX jit, TensorFlow tf.function with XLA, PyTorch eager under no_grad)
+    ours-compiled the same with `compile_step=True`: on PyTorch the loop's step (one token through the model
+                and the sampler) compiled by torch.compile, the loop itself a Python loop (torch only: on JAX
+                and TensorFlow it is `ours`)
     host-loop   the generate_ids of before the sampler (kept here only, as the baseline): a Python loop over
                 the tokens, one `call_with_cache` per token (jitted per step on JAX, eager elsewhere), the
                 [B, vocab] logits copied to NumPy and the argmax taken there
@@ -54,7 +57,7 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SYSTEMS = ("ours", "host-loop", "keras-hub", "transformers")
+SYSTEMS = ("ours", "ours-compiled", "host-loop", "keras-hub", "transformers")
 TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
 
 
@@ -69,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the weights' and the computation's dtype in every system")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (after one warm-up)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
+    p.add_argument("--systems", default=None, help="comma-separated subset of: " + ", ".join(SYSTEMS)
+                   + " (default: all; ours-compiled on --backend torch only)")
     p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"), choices=("jax", "tensorflow", "torch"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per system")
@@ -212,7 +216,8 @@ def make_system(system: str, args, weights: Path):
             return _no_grad(lambda: host_loop(model, ids, n))
     else:
         def generate(ids):
-            return sample(model, ids.tolist(), max_new_tokens=n, temperature=0.0, stop_ids=()).tokens
+            return sample(model, ids.tolist(), max_new_tokens=n, temperature=0.0, stop_ids=(),
+                          compile_step=system == "ours-compiled").tokens
     return device, generate
 
 
@@ -320,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    systems = [s for s in args.systems.split(",") if s]
+    default = [s for s in SYSTEMS if s != "ours-compiled" or args.backend == "torch"]
+    systems = [s for s in args.systems.split(",") if s] if args.systems else default
+    if "ours-compiled" in systems and args.backend != "torch":
+        raise SystemExit("ours-compiled differs from ours on --backend torch only")
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")

@@ -14,6 +14,8 @@
 # `bench/gpu.sh all` is issue 17's set in one device call (under 600 s): JAX ours and keras-hub LoRA at
 # 4 x 2048, torch ours (compiled) and the transformers + peft anchor at 4 x 2048, JAX ours LoRA at 1 x 32768
 # (ALL_TIMEOUT s per system, 110 by default; STEPS 6 there unless set).
+# `bench/gpu.sh decode` runs bench/decode_speed.py at DECODE_BATCH (64) rows x 256 new tokens: on torch ours
+# eager, ours with the compiled step and transformers; on JAX ours and keras-hub (its JSON lines in decode.jsonl).
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
@@ -75,6 +77,13 @@ elif [ "${1:-main}" = all ]; then
         --timeout "$ALL_TIMEOUT" || status=1
     anchor || status=1
     bench --batch 1 --length "$XLONG_LENGTH" --systems ours --timeout "$ALL_TIMEOUT" || status=1
+elif [ "${1:-main}" = decode ]; then
+    decode() {
+        "$PYTHON" bench/decode_speed.py --preset "$PRESET" ${ARCH:-} --dtype "$DTYPE" --batch "${DECODE_BATCH:-64}" \
+            --prompt-length 64 --new-tokens 256 --repeats 3 --timeout "$SYSTEM_TIMEOUT" --out "$OUT/decode.jsonl" "$@"
+    }
+    KERAS_BACKEND=torch decode --backend torch --systems ours,ours-compiled,transformers || status=1
+    decode --backend jax --systems ours,keras-hub || status=1
 elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \
