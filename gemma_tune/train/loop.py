@@ -108,7 +108,7 @@ def _train(recipe, held: RunDirectory, resume, callbacks, backend: str, placemen
     from gemma_tune.environment import devices, report
     from gemma_tune.methods import build_method
     from gemma_tune.models import count_params, trained_model
-    from gemma_tune.train import checkpoint, measure, resume as resuming
+    from gemma_tune.train import checkpoint, measure
     from gemma_tune.train.build import build_for_recipe
     from gemma_tune.train.compiling import jit_compile_for
     from gemma_tune.train.callbacks import (Checkpointer, Evaluator, MetricsLogger, NonFiniteGuard,
