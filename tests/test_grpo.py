@@ -73,9 +73,19 @@ def probe(lm) -> np.ndarray:
 
 def test_completions_are_sampled_from_the_weights_being_trained(tmp_path, monkeypatch):
     """Each round is sampled from the weights after the optimisation step before it: with grad_accum 2 and
-    μ = 2, rounds start at steps 1 and 3, sampled from the starting weights and from those after step 2."""
-    at_rollout, after_step = [], {}
+    μ = 2, rounds start at steps 1 and 3, sampled from the starting weights and from those after step 2. Every
+    round's prompts take data.max_length slots, and the decoding step is compiled when the train step is."""
+    import gemma_tune.sampling
+
+    at_rollout, after_step, sampled = [], {}, []
     original = GRPO.rollout
+    original_sample = gemma_tune.sampling.sample
+
+    def recording_sample(*args, **kw):
+        sampled.append((kw["prompt_slots"], kw["compile_step"]))
+        return original_sample(*args, **kw)
+
+    monkeypatch.setattr(gemma_tune.sampling, "sample", recording_sample)
 
     def recording(self, prompts, **kw):
         at_rollout.append((kw["step"], probe(self.lm)))
@@ -85,12 +95,13 @@ def test_completions_are_sampled_from_the_weights_being_trained(tmp_path, monkey
 
     class AfterStep(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
+            after_step["jit_compile"] = self.model.jit_compile
             if (batch + 1) % 2 == 0:
                 after_step[(batch + 1) // 2] = probe(self.model.lm)
 
-    gemma_tune.train.train(gemma_tune.load_recipe(recipe(tmp_path / "run", grad_accum=2,
-                                                         rl={"num_iterations": 2})),
-                           callbacks=[AfterStep()])
+    run_recipe = gemma_tune.load_recipe(recipe(tmp_path / "run", grad_accum=2, rl={"num_iterations": 2}))
+    gemma_tune.train.train(run_recipe, callbacks=[AfterStep()])
+    assert sampled and set(sampled) == {(run_recipe.data.max_length, after_step["jit_compile"] is True)}
     assert [step for step, _ in at_rollout] == [0, 2]
     np.testing.assert_array_equal(at_rollout[0][1], 0.0)  # the starting adapters
     np.testing.assert_array_equal(at_rollout[1][1], after_step[2])
