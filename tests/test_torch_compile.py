@@ -1,7 +1,9 @@
 """A compiled torch step (`train.jit_compile`, gemma_tune.train.compiling): where "auto" compiles, that every
 forward the trainer runs traces as one graph (no graph break inside the model or the loss, for each attention
 path and with block remat), and that a compiled run, with and without remat, trains and evaluates with the
-eager run's losses while compiling each step once (dynamo's `error_on_recompile` on). The torch-only tests are defined in the torch suite alone."""
+eager run's losses while compiling each step once (dynamo's `error_on_recompile` on); and that the compiled
+decoding step (`sample(compile_step=True)`) samples what the eager one does, compiling once. The torch-only
+tests are defined in the torch suite alone."""
 
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 A round is one batch of prompts (`train.batch_size` × `train.grad_accum` of them: one optimisation step's
 worth), each completed `rl.num_generations` (G) times by `gemma_tune.sampling.sample` with the current
-weights (its decoding step compiled on torch when the train step is: `train.jit_compile`), scored by the reward functions (`gemma_tune.rewards`) and laid out as rows of the batch contract:
-prompt and completion in one sequence of T = data.max_length + rl.max_completion_length slots, trained on
-the completion tokens (its stop token included, as TRL's completion mask), with per row
+weights (its decoding step compiled on torch when the train step is: `train.jit_compile`), scored by the
+reward functions (`gemma_tune.rewards`) and laid out as rows of the batch contract: prompt and completion
+in one sequence of T = data.max_length + rl.max_completion_length slots, trained on the completion tokens
+(its stop token included, as TRL's completion mask), with per row
 
     advantages [n]              the method's (GRPO, RLOO), from the round's rewards
     old_logps [n, T]            log π_θ_old of each completion token (a forward pass of the sampling weights,
