@@ -189,8 +189,6 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
     if (settings, compile_step) in holder.functions:
         return holder.functions[settings, compile_step]
     step = functools.partial(_decode_step, model, settings)
-    if compile_step:
-        step = _torch_graph_step(step, variables)
     decode = functools.partial(_decode, model, settings, step)
     if backend == "jax":
         import jax
@@ -210,9 +208,11 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
     else:
         import torch
 
+        step_for_call = _torch_graph_step(step, variables) if compile_step else lambda: step
+
         def function(*args):
             with torch.no_grad():
-                return decode(*args)
+                return _decode(model, settings, step_for_call(), *args)
     holder.functions[settings, compile_step] = function
     return function
 
@@ -220,12 +220,14 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
 def _torch_graph_step(step, variables):
     """`step` on torch as one compiled graph per input shapes: traced by `make_fx` over fake tensors into an aten
     graph whose inputs are the variables' values and the step's tensors, then compiled by `torch.compile`.
+    Returns `step_for_call()`: the step of one `sample` call, with the variables' values read then (a changed
+    weight is used by the next call; reading them costs 0.15 ms, a tenth of a step, so not at every step) and
+    its graph looked up by the shapes of its first step.
 
     The graph holds no Python object, so a call costs what the graph computes: dynamo compiling `step` itself
     guards on thousands of the Keras layers' attributes, whose checks took 2.9 ms of a 4.5 ms step (gemma3_tiny,
-    8 rows, one CPU thread) where the traced graph's step takes 1.3 ms. The values are read at each call (a
-    changed weight is used); with fake tensors a Python branch on a tensor's value fails the trace instead of
-    being baked into it."""
+    8 rows, one CPU thread) where the traced graph's step takes 1.3 ms. With fake tensors a Python branch on a
+    tensor's value fails the trace instead of being baked into it."""
     import keras
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -236,14 +238,21 @@ def _torch_graph_step(step, variables):
 
     graphs = {}
 
-    def run(*args):
+    def step_for_call():
         values = [v.value for v in variables]
-        shapes = tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
-        if shapes not in graphs:
-            graphs[shapes] = torch.compile(make_fx(pure, tracing_mode="fake")(values, *args), dynamic=False)
-        return graphs[shapes](values, *args)
+        chosen = []
 
-    return run
+        def run(*args):
+            if not chosen:
+                shapes = tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
+                if shapes not in graphs:
+                    graphs[shapes] = torch.compile(make_fx(pure, tracing_mode="fake")(values, *args), dynamic=False)
+                chosen.append(graphs[shapes])
+            return chosen[0](values, *args)
+
+        return run
+
+    return step_for_call
 
 
 def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
