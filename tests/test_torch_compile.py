@@ -1,9 +1,9 @@
 """A compiled torch step (`train.jit_compile`, gemma_tune.train.compiling): where "auto" compiles, that every
 forward the trainer runs traces as one graph (no graph break inside the model or the loss, for each attention
-path and with block remat), and that a compiled run, with and without remat, trains and evaluates with the
-eager run's losses while compiling each step once (dynamo's `error_on_recompile` on); and that the compiled
-decoding step (`sample(compile_step=True)`) samples what the eager one does, compiling once. The torch-only
-tests are defined in the torch suite alone."""
+path, with block remat and on a QLoRA base), and that a compiled run, with and without remat, trains and
+evaluates with the eager run's losses while compiling each step once (dynamo's `error_on_recompile` on); and
+that the compiled decoding step (`sample(compile_step=True)`) samples what the eager one does, compiling once.
+The torch-only tests are defined in the torch suite alone."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ if BACKEND == "torch":
     from gemma_tune.config.presets import preset_architecture
     from gemma_tune.methods.sft import SFT
     from gemma_tune.models import build_model, enable_lora
+    from gemma_tune.models.adapters import quantize_base
     from gemma_tune.train.task import MethodTrainer
 
     def test_the_first_call_is_eager_and_the_rest_compiled():
@@ -70,10 +71,12 @@ if BACKEND == "torch":
         assert [float(once(torch.ones(()))) for _ in range(2)] == [2.0, 2.0]
         assert len(graphs) == 1  # traced once, for both compiled calls
 
-    def _trainer(preset: str, attention: str, remat: bool = False, **arch):
+    def _trainer(preset: str, attention: str, remat: bool = False, quantize: str | None = None, **arch):
         set_random_seed(0)
         architecture = preset_architecture(preset, num_layers=2, **arch)
         lm = build_model(architecture, attention_implementation=attention)
+        if quantize:
+            quantize_base(lm, quantize)
         enable_lora(lm, 4, 8, targets=["q", "v"])
         lm.remat = remat
         return MethodTrainer(lm, SFT(recipe=None, options={}), chunk_size=16), architecture
@@ -90,17 +93,18 @@ if BACKEND == "torch":
         batch["step_targets"] = np.full((rows,), batch["loss_mask"].sum(), "float32")
         return {k: torch.as_tensor(v) for k, v in batch.items()}
 
-    @pytest.mark.parametrize("preset,attention,remat,arch", [
-        ("gemma3_tiny", "auto", False, {"sliding_window": 8}),       # fused (scaled_dot_product_attention)
-        ("gemma3_tiny", "chunked", False, {"sliding_window": 8}),    # tiles of queries, each rematerialised
-        ("gemma3_tiny", "auto", True, {"sliding_window": 8}),        # block remat: the compiler's (models/remat.py)
-        ("gemma3_tiny", "auto", False, {"attn_logit_softcap": 50.0, "final_logit_softcap": 30.0, "sliding_window_pattern": 2}),  # plain path
+    @pytest.mark.parametrize("preset,attention,remat,quantize,arch", [
+        ("gemma3_tiny", "auto", False, None, {"sliding_window": 8}),     # fused (scaled_dot_product_attention)
+        ("gemma3_tiny", "chunked", False, None, {"sliding_window": 8}),  # tiles of queries, each rematerialised
+        ("gemma3_tiny", "auto", True, None, {"sliding_window": 8}),      # block remat: the compiler's (models/remat.py)
+        ("gemma3_tiny", "auto", False, None, {"attn_logit_softcap": 50.0, "final_logit_softcap": 30.0, "sliding_window_pattern": 2}),  # plain path
+        ("gemma3_tiny", "auto", False, "int8", {"sliding_window": 8}),   # QLoRA: models/quantized.py
     ])
-    def test_the_training_forward_traces_as_one_graph(preset, attention, remat, arch, monkeypatch):
+    def test_the_training_forward_traces_as_one_graph(preset, attention, remat, quantize, arch, monkeypatch):
         from gemma_tune.models import tiling
 
         monkeypatch.setattr(tiling, "tile_queries", lambda rows, heads, keys: 16)  # chunked: three tiles
-        trainer, architecture = _trainer(preset, attention, remat, **arch)
+        trainer, architecture = _trainer(preset, attention, remat, quantize, **arch)
         batch = _batch(architecture)
 
         def forward(batch):

@@ -8,8 +8,13 @@ apply unchanged. With LoRA enabled the output is
 
 computed as a side path rather than through Keras' merged kernel W + (α/r)·A·B: the adapter's
 gradient then costs O(tokens · r · (in + out)) instead of a full [in, out] weight gradient, and LoRA
-dropout (PEFT's `lora_dropout`) is applied to the adapter's input only. On a quantised base, Keras'
-quantised call already adds (α/r)·x·A·B; dropout is added there as (α/r)·((dropout(x) − x)·A)·B.
+dropout (PEFT's `lora_dropout`) is applied to the adapter's input only.
+
+A quantised layer is called through `quantized_call` (Keras' `Layer.__call__` picks it), not `call`. Its
+base x·W is `gemma_tune.models.quantized.quantized_matmul` for the quantisations QLoRA trains (Keras' int8,
+and per-channel int4): Keras' numbers, traceable by torch.compile. The same side path is then added. Any
+other quantisation (sub-channel int4, float8, GPTQ, AWQ: exports, never trained here) is Keras' own call.
+That call already adds (α/r)·x·A·B, so LoRA dropout is added there as (α/r)·((dropout(x) − x)·A)·B.
 """
 
 from __future__ import annotations
@@ -49,21 +54,51 @@ class Projection(keras.layers.Dense):
     def call(self, inputs, training=None):
         if not self.lora_enabled:
             return super().call(inputs, training=training)
-        scaling = self.lora_alpha / self.lora_rank
-        dropped = inputs
-        if self.lora_dropout and training:
-            dropped = keras.random.dropout(inputs, self.lora_dropout, seed=self.lora_dropout_seed)
-        if self.quantization_mode is not None:
-            outputs = super().call(inputs, training=training)  # includes scaling·x·A·B
-            if dropped is inputs:
-                return outputs
-            correction = ops.matmul(ops.matmul(dropped - inputs, self.lora_kernel_a), self.lora_kernel_b)
-            return outputs + ops.cast(scaling, outputs.dtype) * correction
         base = ops.matmul(inputs, ops.cast(self._kernel, self.compute_dtype))
+        return base + self._adapter(inputs, training, base.dtype)
+
+    def quantized_call(self, inputs, training=None):
+        """The quantised base (module docstring) plus the LoRA side path."""
+        base = self._quantized_base(inputs)
+        if base is not None:
+            return base + self._adapter(inputs, training, base.dtype) if self.lora_enabled else base
+        outputs = super().quantized_call(inputs, training=training)  # Keras' own; it adds (α/r)·x·A·B
+        dropped = self._adapter_inputs(inputs, training)
+        if not self.lora_enabled or dropped is inputs:
+            return outputs
+        correction = ops.matmul(ops.matmul(dropped - inputs, self.lora_kernel_a), self.lora_kernel_b)
+        return outputs + ops.cast(self.lora_alpha / self.lora_rank, outputs.dtype) * correction
+
+    def _quantized_base(self, inputs):
+        """x·W through `quantized_matmul` for int8 and per-channel int4 with no or Keras' abs-max activation
+        quantiser; None for any other quantisation."""
+        from keras.quantizers import AbsMaxQuantizer
+
+        from gemma_tune.models.quantized import RowQuantizer, quantized_matmul
+
+        mode = self.quantization_mode
+        if mode == "int4" and getattr(self, "_int4_block_size", None) not in (None, -1):
+            return None
+        quantizer = getattr(self, "inputs_quantizer", None)
+        if mode not in ("int8", "int4") or (quantizer is not None and type(quantizer) is not AbsMaxQuantizer):
+            return None
+        return quantized_matmul(inputs, ops.convert_to_tensor(self._kernel), ops.convert_to_tensor(self.kernel_scale),
+                                rows=None if quantizer is None else RowQuantizer.of(quantizer),
+                                unpacked_width=self._orig_output_dim if mode == "int4" else None,
+                                compute_dtype=self.compute_dtype)
+
+    def _adapter_inputs(self, inputs, training):
+        """dropout(x) while training with `lora_dropout`, else x itself."""
+        if self.lora_dropout and training:
+            return keras.random.dropout(inputs, self.lora_dropout, seed=self.lora_dropout_seed)
+        return inputs
+
+    def _adapter(self, inputs, training, dtype):
+        """(α / r) · (dropout(x)·A)·B in `dtype`."""
         lora_a = ops.cast(self.lora_kernel_a, self.compute_dtype)
         lora_b = ops.cast(self.lora_kernel_b, self.compute_dtype)
-        adapter = ops.matmul(ops.matmul(dropped, lora_a), lora_b)
-        return base + ops.cast(scaling, base.dtype) * adapter
+        adapter = ops.matmul(ops.matmul(self._adapter_inputs(inputs, training), lora_a), lora_b)
+        return ops.cast(self.lora_alpha / self.lora_rank, dtype) * ops.cast(adapter, dtype)
 
     def get_config(self):
         config = super().get_config()
