@@ -14,6 +14,8 @@
 # `bench/gpu.sh all` is issue 17's set in one device call (under 600 s): JAX ours and keras-hub LoRA at
 # 4 x 2048, torch ours (compiled) and the transformers + peft anchor at 4 x 2048, JAX ours LoRA at 1 x 32768
 # (ALL_TIMEOUT s per system, 110 by default; STEPS 6 there unless set).
+# `bench/gpu.sh qlora` runs QLoRA (an int4 per-channel base, LoRA r16 on q,v) at 4 x 2048: on torch ours compiled
+# (jit_compile auto) and ours eager, on JAX ours and keras-hub (its decoder projections quantised the same way).
 # `bench/gpu.sh decode` runs bench/decode_speed.py at DECODE_BATCH (64) rows x 256 new tokens: on torch ours
 # eager, ours with the compiled step and transformers; on JAX ours and keras-hub (its JSON lines in decode.jsonl).
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
@@ -84,6 +86,11 @@ elif [ "${1:-main}" = decode ]; then
     }
     KERAS_BACKEND=torch decode --backend torch --systems ours,ours-compiled,transformers || status=1
     decode --backend jax --systems ours,keras-hub || status=1
+elif [ "${1:-main}" = qlora ]; then
+    KERAS_BACKEND=torch bench --backend torch --quantize int4 --batch "$BATCH" --length "$LENGTH" \
+        --systems ours,ours-eager --timeout "$SYSTEM_TIMEOUT" || status=1
+    bench --quantize int4 --batch "$BATCH" --length "$LENGTH" --systems ours,keras-hub --timeout "$SYSTEM_TIMEOUT" \
+        || status=1
 elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \

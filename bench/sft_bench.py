@@ -3,6 +3,7 @@
     python bench/sft_bench.py --preset gemma3_1b --batch 4 --length 2048 --dtype bfloat16 \
         --lora-rank 16 --lora-targets q,v --steps 10 --warmup 3          # LoRA (default), both systems
     python bench/sft_bench.py --preset gemma3_1b --full ...             # full fine-tuning
+    python bench/sft_bench.py --preset gemma3_1b --quantize int4 ...    # QLoRA (int8 or int4 base)
     python bench/sft_bench.py --preset gemma3_1b --arch hidden_size=256 --arch num_layers=4 ...
 
 Each system trains in its own subprocess (so each peak memory is its own; KERAS_BACKEND from
@@ -51,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: the rank (scale 1, as keras-hub)")
     p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="QLoRA: the base's projections quantised by Keras (int4 per channel) before the adapters")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
@@ -84,7 +87,7 @@ def config(args) -> dict:
     targets = [t for t in args.lora_targets.split(",") if t]
     jit = {"auto": "auto", "true": True, "false": False}[args.jit]
     return {"full": args.full, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or float(args.lora_rank),
-            "lora_targets": targets, "batch": args.batch, "length": args.length, "dtype": args.dtype,
+            "lora_targets": targets, "quantize": args.quantize, "batch": args.batch, "length": args.length, "dtype": args.dtype,
             "keras_hub_dtype": args.keras_hub_dtype, "ours_policy": args.ours_policy, "steps": args.steps,
             "warmup": args.warmup, "jit": jit, "remat": args.remat, "loss_chunk_size": args.loss_chunk_size,
             "attention": args.attention, "peak_tflops": args.peak_tflops, "seed": args.seed,

@@ -94,7 +94,7 @@ def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
     """Trains gemma_tune's model per `cfg` on `split` (extra Keras `callbacks` last); the raw figures."""
     from gemma_tune.config.schema import TrainSection
     from gemma_tune.environment import devices
-    from gemma_tune.models import build_model, count_params, enable_lora
+    from gemma_tune.models import build_model, count_params, enable_lora, quantize_base
     from gemma_tune.train import measure
     from gemma_tune.train.build import POLICIES
     from gemma_tune.train.compiling import jit_compile_for
@@ -110,6 +110,8 @@ def run_ours(cfg: dict, arch, split, callbacks=()) -> dict:
                          loss_chunk_size=cfg["loss_chunk_size"])
     policy = cfg["ours_policy"] or POLICIES[cfg["dtype"]]
     lm = build_model(arch, dtype=policy, attention_implementation=cfg["attention"])
+    if cfg["quantize"]:
+        quantize_base(lm, cfg["quantize"])
     if not cfg["full"]:
         enable_lora(lm, cfg["lora_rank"], cfg["lora_alpha"], targets=cfg["lora_targets"])
     lm.remat = train.remat
@@ -172,6 +174,11 @@ def run_keras_hub(cfg: dict, arch, split, callbacks=()) -> dict:
     policy = cfg["keras_hub_dtype"] or cfg["dtype"]
     backbone = keras_hub_backbone(arch, policy)
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    if cfg["quantize"]:  # the decoder's projections, as ours (the embedding stays float)
+        from keras.quantizers import Int4QuantizationConfig
+
+        backbone.quantize(cfg["quantize"], filters=lambda layer: isinstance(layer, keras.layers.EinsumDense),
+                          config=Int4QuantizationConfig(block_size=-1) if cfg["quantize"] == "int4" else None)
     if not cfg["full"]:
         backbone.enable_lora(cfg["lora_rank"], target_layer_names=[KERAS_HUB_LAYERS[t] for t in cfg["lora_targets"]])
     lm.compile(optimizer=keras.optimizers.AdamW(1e-5),
@@ -210,6 +217,7 @@ def run_system(system: str, cfg: dict, arch) -> dict:
     return {
         "system": system, "backend": keras.backend.backend(), "device": device or f"cpu ({os.cpu_count()} cores)",
         "mode": "full" if cfg["full"] else f"lora r{cfg['lora_rank']} {','.join(cfg['lora_targets'])}",
+        "quantize": cfg["quantize"],
         "batch": cfg["batch"], "length": cfg["length"], "dtype": cfg["dtype"], "jit": cfg["jit"],
         "attention": cfg["attention"] if system != "keras-hub" else None, **raw,
         "flops_per_token": flops["ours"], "tflops_per_s": rate * flops["ours"] / 1e12,
