@@ -94,6 +94,19 @@ def test_lora_dropout_acts_on_a_quantised_base_in_training_only(mode):
     assert np.abs(trained - inference).max() > 1e-3  # the adapters saw dropout(x)
 
 
+def test_lora_on_a_quantisation_qlora_does_not_train_is_an_error():
+    from keras.quantizers import Int4QuantizationConfig
+
+    layer = Projection(12, name="proj")
+    layer.build((None, None, 16))
+    layer.quantize("int4", type_check=False, config=Int4QuantizationConfig(block_size=8))  # sub-channel
+    x = np.ones((1, 2, 16), "float32")
+    assert ops.convert_to_numpy(layer(x)).shape == (1, 2, 12)  # Keras' own call
+    layer.enable_lora(4, 8.0)
+    with pytest.raises(ValueError, match="per-channel int4 base"):
+        layer(x)
+
+
 if BACKEND == "torch":
     import torch
 

@@ -13,8 +13,8 @@ dropout (PEFT's `lora_dropout`) is applied to the adapter's input only.
 A quantised layer is called through `quantized_call` (Keras' `Layer.__call__` picks it), not `call`. Its
 base x·W is `gemma_tune.models.quantized.quantized_matmul` for the quantisations QLoRA trains (Keras' int8,
 and per-channel int4): Keras' numbers, traceable by torch.compile. The same side path is then added. Any
-other quantisation (sub-channel int4, float8, GPTQ, AWQ: exports, never trained here) is Keras' own call.
-That call already adds (α/r)·x·A·B, so LoRA dropout is added there as (α/r)·((dropout(x) − x)·A)·B.
+other quantisation (sub-channel int4, float8, GPTQ, AWQ: exports, never trained here) is Keras' own call,
+and LoRA on it is an error.
 """
 
 from __future__ import annotations
@@ -60,14 +60,12 @@ class Projection(keras.layers.Dense):
     def quantized_call(self, inputs, training=None):
         """The quantised base (module docstring) plus the LoRA side path."""
         base = self._quantized_base(inputs)
-        if base is not None:
-            return base + self._adapter(inputs, training, base.dtype) if self.lora_enabled else base
-        outputs = super().quantized_call(inputs, training=training)  # Keras' own; it adds (α/r)·x·A·B
-        dropped = self._adapter_inputs(inputs, training)
-        if not self.lora_enabled or dropped is inputs:
-            return outputs
-        correction = ops.matmul(ops.matmul(dropped - inputs, self.lora_kernel_a), self.lora_kernel_b)
-        return outputs + ops.cast(self.lora_alpha / self.lora_rank, outputs.dtype) * correction
+        if base is None:
+            if self.lora_enabled:
+                raise ValueError(f"{self.path}: LoRA trains on an int8 or per-channel int4 base (quantize_base), "
+                                 f"not on this {self.dtype_policy.name} one")
+            return super().quantized_call(inputs, training=training)
+        return base + self._adapter(inputs, training, base.dtype) if self.lora_enabled else base
 
     def _quantized_base(self, inputs):
         """x·W through `quantized_matmul` for int8 and per-channel int4 with no or Keras' abs-max activation
