@@ -2,7 +2,8 @@
 forward the trainer runs traces as one graph (no graph break inside the model or the loss, for each attention
 path, with block remat and on a QLoRA base), and that a compiled run, with and without remat, trains and
 evaluates with the eager run's losses while compiling each step once (dynamo's `error_on_recompile` on); and
-that the compiled decoding step (`sample(compile_step=True)`) samples what the eager one does, compiling once.
+that the compiled decoding step (`sample(compile_step=True)`) samples what the eager one does, compiling once,
+on a QLoRA base too.
 The torch-only tests are defined in the torch suite alone."""
 
 from __future__ import annotations
@@ -162,3 +163,18 @@ if BACKEND == "torch":
         assert np.abs(eager.logps - compiled.logps).max() > 1e-2
         np.testing.assert_array_equal(again.tokens, eager.tokens)
         np.testing.assert_allclose(again.logps, eager.logps, atol=1e-5)
+
+    def test_compiled_decoding_on_a_qlora_base_samples_what_eager_decoding_samples():
+        """The traced step runs the quantised base's autograd function (models/quantized.py; int8, with the
+        activation quantiser) as the eager one."""
+        from gemma_tune.sampling import sample
+
+        model = _sampling_model()
+        quantize_base(model, "int8")
+        enable_lora(model, 4, 8, targets=["q", "v"])
+        prompts = [[2] + list(range(20, 33)), [2, 7, 8]]
+        settings = dict(max_new_tokens=8, temperature=0.7, top_k=40, stop_ids=[5], pad_id=0, prompt_slots=16)
+        compiled = sample(model, prompts, seed=3, compile_step=True, **settings)
+        eager = sample(model, prompts, seed=3, **settings)
+        np.testing.assert_array_equal(compiled.tokens, eager.tokens)
+        np.testing.assert_allclose(compiled.logps, eager.logps, atol=1e-5)
