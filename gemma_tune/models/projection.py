@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import keras
 from keras import ops
+from keras.quantizers import AbsMaxQuantizer
 
 from gemma_tune.models.init import he_uniform
+from gemma_tune.models.quantized import RowQuantizer, quantized_matmul
 
 
 @keras.saving.register_keras_serializable(package="gemma_tune")
@@ -70,10 +72,6 @@ class Projection(keras.layers.Dense):
     def _quantized_base(self, inputs):
         """x·W through `quantized_matmul` for int8 and per-channel int4 with no or Keras' abs-max activation
         quantiser; None for any other quantisation."""
-        from keras.quantizers import AbsMaxQuantizer
-
-        from gemma_tune.models.quantized import RowQuantizer, quantized_matmul
-
         mode = self.quantization_mode
         if mode == "int4" and getattr(self, "_int4_block_size", None) not in (None, -1):
             return None

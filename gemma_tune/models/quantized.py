@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import keras
 from keras import ops
+from keras.quantizers import unpack_int4
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,6 @@ def _kernel_values(kernel, unpacked_width: int | None):
     """The kernel one integer per element: int4 unpacked to `unpacked_width` columns, int8 as it is."""
     if unpacked_width is None:
         return kernel
-    from keras.quantizers import unpack_int4
-
     return unpack_int4(kernel, unpacked_width, axis=-1)
 
 
