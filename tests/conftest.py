@@ -14,10 +14,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402 - after the environment above
 
-# The suite runs on parallel workers (pytest-xdist, whole files per worker: pyproject's addopts). These
-# files take the longest (minutes each); they start first so that no worker is left with one at the end.
+# The suite runs on parallel workers (pytest-xdist, whole files per worker, in the order collected:
+# pyproject's addopts, whose --no-loadscope-reorder stops xdist from putting files with many tests first).
+# These files take the longest (minutes each; `--durations`): they start first so that no worker is left
+# with one at the end while the others idle.
 LONGEST_FIRST = ("test_readme.py", "test_readme_quickstarts.py", "test_distribution.py", "test_notebooks.py",
-                 "test_grpo.py", "test_methods.py")
+                 "test_attention_chunks.py", "test_model.py", "test_grpo.py", "test_methods.py")
 
 
 def pytest_collection_modifyitems(items):
