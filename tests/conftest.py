@@ -14,12 +14,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402 - after the environment above
 
-# The suite runs on parallel workers (pytest-xdist, whole files per worker, in the order collected:
-# pyproject's addopts, whose --no-loadscope-reorder stops xdist from putting files with many tests first).
-# These files take the longest (minutes each; `--durations`): they start first so that no worker is left
-# with one at the end while the others idle.
-LONGEST_FIRST = ("test_readme.py", "test_readme_quickstarts.py", "test_distribution.py", "test_notebooks.py",
-                 "test_attention_chunks.py", "test_model.py", "test_grpo.py", "test_methods.py")
+# The suite runs on parallel workers (pytest-xdist, whole files per worker, in the order collected: pyproject's
+# addopts, whose --no-loadscope-reorder stops xdist from putting files with many tests first). These files take
+# the longest on some backend (minutes each; `--durations`): they start first so that no worker is left with one
+# at the end while the others idle.
+LONGEST_FIRST = ("test_readme.py", "test_readme_quickstarts.py", "test_torch_compile.py", "test_distribution.py",
+                 "test_notebooks.py", "test_attention_chunks.py", "test_model.py", "test_grpo.py", "test_methods.py")
+
+# README's command chains (a third to a half of each suite's time) run on JAX, the backend a user who follows README
+# gets (tests/readme_steps.py), so in the JAX suite only; bench/readme_chains.py runs them, and the same checks, on
+# TensorFlow and torch.
+README_CHAINS = ("test_readme.py", "test_readme_quickstarts.py")
+collect_ignore = [] if os.environ["KERAS_BACKEND"] == "jax" else list(README_CHAINS)
 
 
 def pytest_collection_modifyitems(items):

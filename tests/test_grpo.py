@@ -2,7 +2,7 @@
 weights being trained, a resumed run (inside a round of μ iterations too) continues identically, RLOO with
 its KL-penalised reward and an eval split runs, and a reward function that fails stops the run with its name
 and row, the last checkpoint kept. (That the GRPO quickstart's reward climbs is checked where README runs it,
-tests/test_readme.py.)"""
+tests/test_readme_quickstarts.py on JAX, and by bench/readme_chains.py on TensorFlow and torch.)"""
 
 import json
 import os
