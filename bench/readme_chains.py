@@ -22,7 +22,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAINS = ("main", "quickstarts")
+sys.path.insert(0, str(ROOT / "tests"))
+# Keras is imported by the checks, after main() has set the backend.
+from readme_steps import CHAINS, chain_steps, check_main_chain, check_quickstarts, run_steps  # noqa: E402
+
+CHECKS = {"main": check_main_chain, "quickstarts": check_quickstarts}
 
 
 def main() -> int:
@@ -33,10 +37,6 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported, by the checks
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from readme_steps import chain_steps, check_main_chain, check_quickstarts, run_steps
-
-    checks = {"main": check_main_chain, "quickstarts": check_quickstarts}
     failed = False
     for chain in args.chains.split(","):
         steps = chain_steps(chain)
@@ -45,7 +45,7 @@ def main() -> int:
                       "backend": args.backend, "chain": chain, "cpu_cores": os.cpu_count()}
             try:
                 seconds = run_steps(steps, Path(tmp), backend=args.backend)
-                checks[chain](Path(tmp))
+                CHECKS[chain](Path(tmp))
                 record.update(passed=True, steps=[{"step": step.splitlines()[0][:100], "seconds": round(s, 1)}
                                                   for (_, step), s in zip(steps, seconds)],
                               total_seconds=round(sum(seconds), 1))

@@ -20,6 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
+CHAINS = ("main", "quickstarts")  # the chains of `chain_steps`
 # A step naming one of these belongs to the second chain (tests/test_readme_quickstarts.py).
 OTHER_QUICKSTARTS = ("quickstart_dpo", "quickstart_simpo", "quickstart_grpo", "paligemma")
 
@@ -40,7 +41,7 @@ def readme_steps() -> list[tuple[str, str]]:
 def chain_steps(chain: str) -> list[tuple[str, str]]:
     """readme_steps() of one chain, in README order: "main" (no step names one of OTHER_QUICKSTARTS) or
     "quickstarts" (every step that does); together they are every step."""
-    if chain not in ("main", "quickstarts"):
+    if chain not in CHAINS:
         raise ValueError(f"chain is main or quickstarts, not {chain!r}")
     return [(kind, step) for kind, step in readme_steps()
             if any(name in step for name in OTHER_QUICKSTARTS) == (chain == "quickstarts")]
@@ -72,10 +73,6 @@ def bash_commands(steps: list[tuple[str, str]]) -> list[str]:
 def check_main_chain(workdir: Path) -> None:
     """What the main chain leaves in `workdir`: the quickstart learnt, logged, saved and exported as README says,
     its continuation and the other runs finished, and its exports compute what its last checkpoint computes."""
-    from keras import ops
-
-    from gemma_tune.loading import load_model
-
     run_dir = workdir / "runs" / "quickstart"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 150
@@ -91,20 +88,15 @@ def check_main_chain(workdir: Path) -> None:
     assert (workdir / "exports" / "quickstart-adapter" / "adapter_config.json").is_file()
 
     batch = {"token_ids": np.array([[2, 4, 339, 474, 10]], np.int32), "padding_mask": np.ones((1, 5), np.int32)}
-    trained = ops.convert_to_numpy(load_model(run_dir)(batch))
-    for export in (run_dir / "exports" / "safetensors", run_dir / "exports" / "keras", workdir / "exports" / "quickstart-hf"):
-        np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(batch)), trained, atol=1e-5,
-                                   err_msg=str(export))
+    _exports_compute_what_was_trained(run_dir, (run_dir / "exports" / "safetensors", run_dir / "exports" / "keras",
+                                                workdir / "exports" / "quickstart-hf"), batch)
 
 
 def check_quickstarts(workdir: Path) -> None:
     """What the other quickstarts leave in `workdir`: DPO and SimPO finished, GRPO's reward climbed and its
     completions were kept with their rewards, the tiny PaliGemma learnt the captions and its exports compute what
     it trained."""
-    from keras import ops
-
     from gemma_tune.data.images import load_images
-    from gemma_tune.loading import load_model
 
     for name in ("quickstart-dpo", "quickstart-simpo"):
         summary = json.loads((workdir / "runs" / name / "summary.json").read_text())
@@ -133,8 +125,17 @@ def check_quickstarts(workdir: Path) -> None:
     tokens = np.array([[512] * 16 + [2, 4, 339, 10]], np.int32)
     inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens), "images": pixels,
               "prefix_mask": np.ones_like(tokens)}
-    trained = ops.convert_to_numpy(load_model(vision_dir)(inputs))
-    for export in (vision_dir / "exports" / "safetensors", vision_dir / "exports" / "keras",
-                   workdir / "exports" / "paligemma-hf"):
+    _exports_compute_what_was_trained(vision_dir, (vision_dir / "exports" / "safetensors", vision_dir / "exports" / "keras",
+                                                   workdir / "exports" / "paligemma-hf"), inputs)
+
+
+def _exports_compute_what_was_trained(run_dir: Path, exports, inputs: dict) -> None:
+    """Each export's logits for `inputs` equal those of the run's last checkpoint (atol 1e-5)."""
+    from keras import ops
+
+    from gemma_tune.loading import load_model
+
+    trained = ops.convert_to_numpy(load_model(run_dir)(inputs))
+    for export in exports:
         np.testing.assert_allclose(ops.convert_to_numpy(load_model(export)(inputs)), trained, atol=1e-5,
                                    err_msg=str(export))
