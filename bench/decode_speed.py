@@ -14,10 +14,10 @@ subprocess (KERAS_BACKEND from --backend; transformers is PyTorch itself) and co
 greedy, with no stop id (every row runs the full length):
 
     ours        gemma_tune.sampling.sample(stop_ids=()): prefill + while loop, one compiled function
-                (JAX jit, TensorFlow tf.function with XLA, PyTorch eager under no_grad)
-    ours-compiled the same with `compile_step=True`: on PyTorch the loop's step (one token through the model
-                and the sampler) compiled by torch.compile, the loop itself a Python loop (torch only: on JAX
-                and TensorFlow it is `ours`)
+                (JAX jit, TensorFlow tf.function with XLA); on PyTorch a Python loop under no_grad, the
+                prefill eager and the step (one token through the model and the sampler) a traced aten graph
+    ours-compiled the same with `compile_step=True`: on PyTorch the traced step compiled by torch.compile
+                (torch only: on JAX and TensorFlow it is `ours`)
     host-loop   the generate_ids of before the sampler (kept here only, as the baseline): a Python loop over
                 the tokens, one `call_with_cache` per token (jitted per step on JAX, eager elsewhere), the
                 [B, vocab] logits copied to NumPy and the argmax taken there

@@ -33,11 +33,14 @@ Compilation: JAX jits the whole function over the variables' current values (`ke
 the values are read at each call, so a changed weight changes the samples); TensorFlow runs it as a
 `tf.function` compiled by XLA (`jit_compile=True`, as keras-hub's generate; the while loop becomes
 `tf.while_loop`; 3.5× faster than without XLA for gemma3_tiny, 64 rows × 64 tokens on CPU); PyTorch runs the
-loop in Python under `torch.no_grad()`, its step (`_decode_step`: one token through the model and the sampling
-rule) eager, or with `compile_step` one compiled graph (`_torch_graph_step`; the KV cache written by
+loop in Python under `torch.no_grad()`, the prefill eager and its step (`_decode_step`: one token through the model
+and the sampling rule) as one traced graph of aten operations (`_torch_graph_step`; the KV cache written by
 `models.cache.write_slots`, the slot a tensor: one graph serves every step of a call and every call of the same
-shapes). Compiling costs tens of seconds (CPU) and pays off over many calls (online RL's rounds), so it is the
-caller's choice. The compiled functions are kept on the model per (temperature, top_k, top_p, compile_step) while
+shapes), run as traced or, with `compile_step`, compiled by torch.compile. Tracing costs about one eager call
+(0.7 s for gemma3_tiny) and makes a step 2–3× faster than running the Keras layers eagerly, whose Python costs
+more than their arithmetic at small sizes; compiling costs tens of seconds (CPU) and pays off over many calls
+(online RL's rounds), so it is the caller's choice. The functions are kept on the model per (temperature, top_k,
+top_p, compile_step) while
 its variables stay the same: repeated calls with the same shapes compile nothing, and `prompt_slots` (left-padding
 every prompt to at least that many slots, which changes no sample: padding slots are never attended) keeps the
 shapes the same when the longest prompt varies. The stop ids reach the loop as a mask over the vocabulary, so other
@@ -208,7 +211,7 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
     else:
         import torch
 
-        step_for_call = _torch_graph_step(step, variables) if compile_step else lambda: step
+        step_for_call = _torch_graph_step(step, variables, compile_step)
 
         def function(*args):
             with torch.no_grad():
@@ -217,17 +220,19 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
     return function
 
 
-def _torch_graph_step(step, variables):
-    """`step` on torch as one compiled graph per input shapes: traced by `make_fx` over fake tensors into an aten
-    graph whose inputs are the variables' values and the step's tensors, then compiled by `torch.compile`.
-    Returns `step_for_call()`: the step of one `sample` call, with the variables' values read then (a changed
-    weight is used by the next call; reading them costs 0.15 ms, a tenth of a step, so not at every step) and
-    its graph looked up by the shapes of its first step.
+def _torch_graph_step(step, variables, compile_graph: bool):
+    """`step` on torch as one graph per input shapes: traced by `make_fx` over fake tensors into an aten graph
+    whose inputs are the variables' values and the step's tensors, run as traced, or compiled by `torch.compile`
+    when `compile_graph`. Returns `step_for_call()`: the step of one `sample` call, with the variables' values
+    read then (a changed weight is used by the next call; reading them costs 0.15 ms, a tenth of a compiled
+    step, so not at every step) and its graph looked up by the shapes of its first step.
 
-    The graph holds no Python object, so a call costs what the graph computes: dynamo compiling `step` itself
-    guards on thousands of the Keras layers' attributes, whose checks took 2.9 ms of a 4.5 ms step (gemma3_tiny,
-    8 rows, one CPU thread) where the traced graph's step takes 1.3 ms. With fake tensors a Python branch on a
-    tensor's value fails the trace instead of being baked into it."""
+    The graph holds no Python object. Run as traced it skips the Keras layers' Python (their calls, scopes and
+    tensor conversions: two thirds of an eager step of gemma3_tiny); compiled, a call costs what the graph
+    computes: dynamo compiling `step` itself guards on thousands of the Keras layers' attributes, whose checks
+    took 2.9 ms of a 4.5 ms step (gemma3_tiny, 8 rows, one CPU thread) where the traced graph's compiled step
+    takes 1.3 ms. With fake tensors a Python branch on a tensor's value fails the trace instead of being baked
+    into it."""
     import keras
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -246,7 +251,8 @@ def _torch_graph_step(step, variables):
             if not chosen:
                 shapes = tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
                 if shapes not in graphs:
-                    graphs[shapes] = torch.compile(make_fx(pure, tracing_mode="fake")(values, *args), dynamic=False)
+                    graph = make_fx(pure, tracing_mode="fake")(values, *args)
+                    graphs[shapes] = torch.compile(graph, dynamic=False) if compile_graph else graph
                 chosen.append(graphs[shapes])
             return chosen[0](values, *args)
 
@@ -267,8 +273,8 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     image. A prompt holds `tokens_per_image` slots of `image_token_id` per image, laid out as
     `vision_prompt.prompt_ids` does (else a VisionPromptError); images for a model without a vision encoder
     are a VisionPromptError, an image that cannot be read an ImageError naming it. `compile_step` (PyTorch;
-    ignored elsewhere, where the whole loop is compiled): the loop's step compiled by torch.compile (module
-    docstring), the same samples as the eager step. `prompt_slots`: the prompts are left-padded to
+    ignored elsewhere, where the whole loop is compiled): the loop's traced step compiled by torch.compile
+    (module docstring), the same samples as the traced step. `prompt_slots`: the prompts are left-padded to
     max(longest prompt, prompt_slots) slots (one shape for prompts of varying lengths). An empty prompt,
     max_new_tokens < 1, temperature < 0, top_k < 1 or top_p outside (0, 1] is a ValueError."""
     from keras import ops

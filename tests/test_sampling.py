@@ -11,6 +11,7 @@ from keras import ops
 
 from gemma_tune.config.presets import preset_architecture
 from gemma_tune.models import build_model
+from gemma_tune import sampling
 from gemma_tune.sampling import next_tokens, sample
 
 PROMPTS = [[2] + list(range(20, 33)), [2, 7, 8], [2, 100, 101, 102, 103]]  # 14 + N > the sliding window of 8
@@ -84,9 +85,10 @@ def test_samples_come_from_the_current_weights(exact_float32_matmuls):
 
 
 class Counting:
-    """Wraps `model.call_with_cache`: `traces` counts its Python calls (tracings under JAX and TensorFlow), `runs`
-    its executions on the device (a callback in JAX's compiled loop, a resource variable in TensorFlow's XLA
-    one; on PyTorch every call runs)."""
+    """Wraps `model.call_with_cache`: `traces` counts its Python calls (tracings under JAX and TensorFlow; on
+    PyTorch the eager prefill of every call and the decoding step's trace per shape), `runs` its executions on
+    the device (a callback in JAX's compiled loop, a resource variable in TensorFlow's XLA one; on PyTorch the
+    prefill's calls and the traced step's, counted around `sampling._torch_graph_step`)."""
 
     def __init__(self, model, monkeypatch):
         self.traces, self._runs = 0, 0
@@ -96,9 +98,8 @@ class Counting:
             import tensorflow as tf
 
             self._variable = tf.Variable(0)
-
-        def ran(*_):
-            self._runs += 1
+        if self.backend == "torch":
+            monkeypatch.setattr(sampling, "_torch_graph_step", self._counting_graph_step(sampling._torch_graph_step))
 
         def counted(*args):
             self.traces += 1
@@ -106,14 +107,37 @@ class Counting:
             if self.backend == "jax":
                 import jax
 
-                jax.debug.callback(ran, logits[0, 0, 0])
+                jax.debug.callback(self._ran, logits[0, 0, 0])
             elif self.backend == "tensorflow":
                 self._variable.assign_add(1)
             else:
-                ran()
+                from torch._subclasses.fake_tensor import is_fake
+
+                if not is_fake(logits):  # the prefill (the step's trace runs over fake tensors)
+                    self._ran()
             return logits, cache
 
         monkeypatch.setattr(model, "call_with_cache", counted)
+
+    def _ran(self, *_):
+        self._runs += 1
+
+    def _counting_graph_step(self, graph_step):
+        def counting(*args):
+            step_for_call = graph_step(*args)
+
+            def counted_step_for_call():
+                run = step_for_call()
+
+                def counted_run(*step_args):
+                    self._ran()
+                    return run(*step_args)
+
+                return counted_run
+
+            return counted_step_for_call
+
+        return counting
 
     @property
     def runs(self) -> int:
@@ -159,12 +183,10 @@ def test_repeated_calls_compile_nothing(monkeypatch):
     sample(model, PROMPTS, max_new_tokens=5, temperature=0.8, seed=1)
     traced = counter.traces
     sample(model, PROMPTS, max_new_tokens=5, temperature=0.8, seed=2, stop_ids=[5, 6])
-    if keras.backend.backend() == "torch":  # eager: one call per step
-        assert counter.traces == traced + 5
-    else:  # the prefill and the loop body, traced once
-        assert traced == 2 and counter.traces == 2
-    sample(model, PROMPTS, max_new_tokens=6, temperature=0.8)  # a new shape compiles again
-    assert counter.traces > traced + (5 if keras.backend.backend() == "torch" else 0)
+    eager_prefill = int(keras.backend.backend() == "torch")  # torch: the prefill eager at every call
+    assert traced == 2 and counter.traces == 2 + eager_prefill  # the prefill and the loop's step, traced once
+    sample(model, PROMPTS, max_new_tokens=6, temperature=0.8)  # a new shape traces again
+    assert counter.traces == 4 + eager_prefill
 
 
 def test_the_rule_on_hand_numbers():

@@ -134,7 +134,65 @@ if BACKEND == "torch":
         set_random_seed(0)
         return build_model(preset_architecture("gemma3_tiny", num_layers=2, sliding_window=8))
 
-    def test_compiled_decoding_samples_what_eager_decoding_samples_and_compiles_once():
+    def _eager_samples(model, prompts, monkeypatch, **settings):
+        """What `sample` gives with its decoding step run as the Keras layers eagerly, not traced: the reference
+        the traced graph must reproduce."""
+        from gemma_tune import sampling
+
+        model.__dict__.pop("_gemma_tune_sampler", None)  # forget the traced functions, then the eager ones
+        with monkeypatch.context() as patched:
+            patched.setattr(sampling, "_torch_graph_step", lambda step, variables, compile_graph: lambda: step)
+            samples = sampling.sample(model, prompts, **settings)
+        model.__dict__.pop("_gemma_tune_sampler", None)
+        return samples
+
+    TEXT_FAMILIES = {  # Gemma 1 (MQA, no window), Gemma 2 (soft-caps, window), Gemma 3 (QK-norm, window)
+        "gemma": dict(family="gemma", num_kv_heads=1, use_qk_norm=False, use_post_attention_norm=False,
+                      use_post_ffw_norm=False, rope_local_theta=None, sliding_window=None,
+                      sliding_window_pattern=None, query_pre_attn_scalar=None),
+        "gemma2": dict(family="gemma2", use_qk_norm=False, rope_local_theta=None, sliding_window=6,
+                       sliding_window_pattern=2, attn_logit_softcap=5.0, final_logit_softcap=3.0),
+        "gemma3": dict(sliding_window=6, sliding_window_pattern=2),
+    }
+
+    @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "paligemma2", "gemma3-vision"])
+    def test_the_traced_decoding_step_samples_what_the_eager_step_samples(family, monkeypatch, tiny_vision_arch, tok):
+        """`sample` on torch runs its step as a traced aten graph (`sampling._torch_graph_step`): the eager Keras
+        step's tokens, log-probabilities, lengths and stops, sampling with top-k, top-p and stop ids, over
+        left-padded rows longer than the window; a vision model's prefill reads images, its steps the cache."""
+        from gemma_tune.sampling import sample
+
+        set_random_seed(0)
+        vision = family in ("paligemma2", "gemma3-vision")
+        if vision:
+            architecture = tiny_vision_arch("gemma2" if family == "paligemma2" else "gemma3")
+        else:
+            architecture = preset_architecture("gemma3_tiny", num_layers=2, **TEXT_FAMILIES[family])
+        model = build_model(architecture)
+        enable_lora(model, 4, 8, targets=["q", "v"])
+        prompts = [[2] + list(range(20, 33)), [2, 7, 8], [2, 100, 101, 102, 103]]
+        images = None
+        if vision:
+            from gemma_tune.vision_prompt import prompt_ids
+
+            from test_generate_vision import pictures
+
+            images = [pictures(1, 0), pictures(2, 1), []]
+            texts = ["hi", "What is in the picture?", "Say something."]
+            prompts = [prompt_ids(tok, architecture, t, len(r), chat=not architecture.prefix_lm)
+                       for t, r in zip(texts, images)]
+        settings = dict(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.95, stop_ids=[5, 9], pad_id=0,
+                        images=images)
+        for seed in (3, 4):
+            traced = sample(model, prompts, seed=seed, **settings)
+            eager = _eager_samples(model, prompts, monkeypatch, seed=seed, **settings)
+            np.testing.assert_array_equal(traced.tokens, eager.tokens)
+            np.testing.assert_allclose(traced.logps, eager.logps, atol=1e-5)
+            assert traced.lengths.tolist() == eager.lengths.tolist()
+            assert traced.stopped.tolist() == eager.stopped.tolist()
+            assert (traced.lengths > 1).any()  # steps ran, not the prefill alone
+
+    def test_compiled_decoding_samples_what_traced_decoding_samples_and_compiles_once():
         from gemma_tune.sampling import sample
 
         model = _sampling_model()
@@ -146,7 +204,7 @@ if BACKEND == "torch":
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph: the step
         with torch._dynamo.config.patch(error_on_recompile=True):
             for seed in (3, 4):
-                eager = sample(model, prompts, seed=seed, **settings)
+                eager = sample(model, prompts, seed=seed, **settings)  # the traced step, run as traced
                 again = sample(model, prompts, seed=seed, compile_step=True, **settings)
                 np.testing.assert_array_equal(again.tokens, eager.tokens)
                 np.testing.assert_allclose(again.logps, eager.logps, atol=1e-5)
