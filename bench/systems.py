@@ -63,8 +63,8 @@ class StepClock(keras.callbacks.Callback):
                 "step_s_median": statistics.median(durations), "step_s": [round(d, 4) for d in durations],
                 "cpu_s_per_step": (self.cpu_marks[-1] - self.cpu_marks[self.warmup]) / steps,
                 "first_step_s": self.marks[1] - self.marks[0],
-                "slowest_warmup_step_s": max(b - a for a, b in zip(self.marks[:self.warmup],
-                                                                     self.marks[1:self.warmup + 1])),
+                "slowest_warmup_step_s": max((b - a for a, b in zip(self.marks[:self.warmup],
+                                                                      self.marks[1:self.warmup + 1])), default=None),
                 "loss_first": self.losses[0], "loss_last": self.losses[-1]}
 
 

@@ -178,3 +178,30 @@ def test_token_logps_and_entropy_match_numpy(softcap, chunk_size, temperature):
                                    ops.convert_to_tensor(targets), ops.convert_to_tensor(mask), chunk_size=chunk_size,
                                    final_logit_softcap=softcap)
         np.testing.assert_allclose((ops.convert_to_numpy(logp) * mask).sum(-1), ops.convert_to_numpy(summed), atol=1e-5)
+
+
+def test_target_logits_are_the_gathered_entries_and_their_gradient_the_one_hot(value_and_grads):
+    """`target_logits` (a select summed over the vocabulary on JAX and TensorFlow, a gather on torch) gives
+    z[..., y] bit for bit, and its gradient is exactly the one-hot mask of the targets, with the weights of the
+    objective — as NumPy's gather and its scatter, on every backend."""
+    from gemma_tune.methods.logps import target_logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 30.0, (2, 5, 37)).astype(np.float32)
+    logits[0, 0, 3] = -0.0  # a zero target logit and others of every size
+    targets = rng.integers(0, 37, (2, 5)).astype(np.int32)
+    targets[0, 0], targets[1, -1] = 3, 36  # the first and the last ids among them
+    weights = rng.normal(size=(2, 5)).astype(np.float32)
+    expected = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+    def objective(z, w, t):
+        return ops.sum(target_logits(z, t) * w)
+
+    value, (dz, dw) = value_and_grads(objective, logits, weights, targets)
+    np.testing.assert_array_equal(ops.convert_to_numpy(target_logits(ops.convert_to_tensor(logits),
+                                                                     ops.convert_to_tensor(targets))), expected)
+    one_hot = np.zeros_like(logits)
+    np.put_along_axis(one_hot, targets[..., None], weights[..., None], -1)
+    np.testing.assert_array_equal(ops.convert_to_numpy(dz), one_hot)
+    np.testing.assert_array_equal(ops.convert_to_numpy(dw), expected)
+    assert float(value) == pytest.approx(float((expected * weights).sum()), rel=1e-6)

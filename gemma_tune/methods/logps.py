@@ -24,13 +24,28 @@ from keras import ops
 from gemma_tune.methods.padding import pad_tail
 
 
+def target_logits(logits, targets):
+    """z[..., y]: each target's entry of `logits` [..., V], for int `targets` [...] -> [...], exactly.
+
+    On JAX and TensorFlow a select against the vocabulary's ids, summed over V: its one non-zero term is z_y,
+    so the value is bit-equal to a gather's and so is the gradient (the one-hot mask). XLA fuses it into the
+    pass the log-sum-exp makes over the logits, and it spares TensorFlow's graph executor the gather's gradient,
+    a dense [..., V] UnsortedSegmentSum (a fifth of a LoRA step's time on the CPU: bench/RESULTS.md, "TensorFlow:
+    where the step's time goes"). On torch a gather (`take_along_axis`): eager torch would build the [..., V]
+    mask and selection in memory.
+    """
+    if keras.backend.backend() == "torch":
+        return ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
+    vocab = ops.arange(logits.shape[-1], dtype=targets.dtype)
+    return ops.sum(ops.where(ops.equal(ops.expand_dims(targets, -1), vocab), logits, 0.0), axis=-1)
+
+
 def _chunk_logps(hidden, embedding, targets, mask, softcap):
     """Σ_t mask · log p(target) per row of one chunk: hidden [B, c, H], targets/mask [B, c] -> [B]."""
     logits = ops.cast(ops.matmul(hidden, ops.transpose(embedding)), "float32")
     if softcap is not None:
         logits = softcap * ops.tanh(logits / softcap)
-    target_logit = ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
-    logp = target_logit - ops.logsumexp(logits, axis=-1)
+    logp = target_logits(logits, targets) - ops.logsumexp(logits, axis=-1)
     return ops.sum(logp * mask, axis=-1)
 
 
@@ -83,7 +98,7 @@ def _chunk_token_logps(hidden, embedding, targets, softcap, temperature):
     logits = logits / temperature
     log_norm = ops.logsumexp(logits, axis=-1, keepdims=True)
     log_probs = logits - log_norm
-    target_logp = ops.squeeze(ops.take_along_axis(log_probs, ops.expand_dims(targets, -1), axis=-1), -1)
+    target_logp = target_logits(log_probs, targets)
     entropy = -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
     return target_logp, entropy
 

@@ -28,6 +28,7 @@ import keras
 from keras import ops
 
 from gemma_tune.methods.base import Method, model_inputs, ratio
+from gemma_tune.methods.logps import target_logits
 from gemma_tune.methods.padding import pad_tail
 
 
@@ -41,7 +42,7 @@ def _chunk_stats(hidden, embedding, targets, mask, softcap):
     logits = ops.cast(ops.matmul(hidden, ops.transpose(embedding)), "float32")
     if softcap is not None:
         logits = softcap * ops.tanh(logits / softcap)
-    target_logit = ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
+    target_logit = target_logits(logits, targets)
     nll = ops.logsumexp(logits, axis=-1) - target_logit
     hit = ops.cast(ops.greater_equal(target_logit, ops.amax(logits, axis=-1)), "float32")
     return ops.sum(nll * mask), ops.sum(hit * mask)
