@@ -175,7 +175,7 @@ class _Compiled:
 
 def _compiled(model, temperature: float, top_k: int | None, top_p: float | None, compile_step: bool):
     """`_decode` for these settings as the backend runs it best (module docstring), cached on the model.
-    `compile_step` (torch only): the loop's step as one compiled graph (`_torch_graph_step`)."""
+    `compile_step` (torch only): the loop's traced step (`_torch_graph_step`) compiled by torch.compile."""
     import functools
 
     import keras

@@ -2,8 +2,8 @@
 forward the trainer runs traces as one graph (no graph break inside the model or the loss, for each attention
 path, with block remat and on a QLoRA base), and that a compiled run, with and without remat, trains and
 evaluates with the eager run's losses while compiling each step once (dynamo's `error_on_recompile` on); and
-that the compiled decoding step (`sample(compile_step=True)`) samples what the eager one does, compiling once,
-on a QLoRA base too.
+that the decoding step `sample` traces samples what the eager step does (each model family, vision too), and the
+compiled one (`sample(compile_step=True)`) what the traced one does, compiling once, on a QLoRA base too.
 The torch-only tests are defined in the torch suite alone."""
 
 from __future__ import annotations
@@ -146,15 +146,6 @@ if BACKEND == "torch":
         model.__dict__.pop("_gemma_tune_sampler", None)
         return samples
 
-    TEXT_FAMILIES = {  # Gemma 1 (MQA, no window), Gemma 2 (soft-caps, window), Gemma 3 (QK-norm, window)
-        "gemma": dict(family="gemma", num_kv_heads=1, use_qk_norm=False, use_post_attention_norm=False,
-                      use_post_ffw_norm=False, rope_local_theta=None, sliding_window=None,
-                      sliding_window_pattern=None, query_pre_attn_scalar=None),
-        "gemma2": dict(family="gemma2", use_qk_norm=False, rope_local_theta=None, sliding_window=6,
-                       sliding_window_pattern=2, attn_logit_softcap=5.0, final_logit_softcap=3.0),
-        "gemma3": dict(sliding_window=6, sliding_window_pattern=2),
-    }
-
     @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "paligemma2", "gemma3-vision"])
     def test_the_traced_decoding_step_samples_what_the_eager_step_samples(family, monkeypatch, tiny_vision_arch, tok):
         """`sample` on torch runs its step as a traced aten graph (`sampling._torch_graph_step`): the eager Keras
@@ -166,8 +157,11 @@ if BACKEND == "torch":
         vision = family in ("paligemma2", "gemma3-vision")
         if vision:
             architecture = tiny_vision_arch("gemma2" if family == "paligemma2" else "gemma3")
-        else:
-            architecture = preset_architecture("gemma3_tiny", num_layers=2, **TEXT_FAMILIES[family])
+        else:  # Gemma 1 (here MQA, no window), Gemma 2 (soft-caps, window 8), Gemma 3 (QK-norm, window 8)
+            from test_export_hf import ARCHS
+
+            mqa = {"num_kv_heads": 1} if family == "gemma" else {}
+            architecture = preset_architecture("gemma3_tiny", **{**ARCHS[family], "num_layers": 2, **mqa})
         model = build_model(architecture)
         enable_lora(model, 4, 8, targets=["q", "v"])
         prompts = [[2] + list(range(20, 33)), [2, 7, 8], [2, 100, 101, 102, 103]]
@@ -204,27 +198,27 @@ if BACKEND == "torch":
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph: the step
         with torch._dynamo.config.patch(error_on_recompile=True):
             for seed in (3, 4):
-                eager = sample(model, prompts, seed=seed, **settings)  # the traced step, run as traced
+                traced = sample(model, prompts, seed=seed, **settings)
                 again = sample(model, prompts, seed=seed, compile_step=True, **settings)
-                np.testing.assert_array_equal(again.tokens, eager.tokens)
-                np.testing.assert_allclose(again.logps, eager.logps, atol=1e-5)
-                assert again.lengths.tolist() == eager.lengths.tolist()
-                assert again.stopped.tolist() == eager.stopped.tolist()
+                np.testing.assert_array_equal(again.tokens, traced.tokens)
+                np.testing.assert_allclose(again.logps, traced.logps, atol=1e-5)
+                assert again.lengths.tolist() == traced.lengths.tolist()
+                assert again.stopped.tolist() == traced.stopped.tolist()
             np.testing.assert_array_equal(compiled.tokens, sample(model, prompts, seed=3, **settings).tokens)
             shorter = [p[:9] for p in prompts]  # a shorter longest prompt, the same slots: the same graph
             np.testing.assert_array_equal(sample(model, shorter, seed=3, compile_step=True, **settings).tokens,
                                           sample(model, shorter, seed=3, **settings).tokens)
             scale = model.final_norm.scale  # new weights, the same variables: read at each call, nothing recompiles
             scale.assign(np.random.default_rng(0).normal(0.0, 1.0, scale.shape).astype("float32"))
-            eager = sample(model, prompts, seed=3, **settings)
+            traced = sample(model, prompts, seed=3, **settings)
             again = sample(model, prompts, seed=3, compile_step=True, **settings)
-        assert np.abs(eager.logps - compiled.logps).max() > 1e-2
-        np.testing.assert_array_equal(again.tokens, eager.tokens)
-        np.testing.assert_allclose(again.logps, eager.logps, atol=1e-5)
+        assert np.abs(traced.logps - compiled.logps).max() > 1e-2
+        np.testing.assert_array_equal(again.tokens, traced.tokens)
+        np.testing.assert_allclose(again.logps, traced.logps, atol=1e-5)
 
-    def test_compiled_decoding_on_a_qlora_base_samples_what_eager_decoding_samples():
-        """The traced step runs the quantised base's autograd function (models/quantized.py; int8, with the
-        activation quantiser) as the eager one."""
+    def test_traced_and_compiled_decoding_on_a_qlora_base_sample_what_eager_decoding_samples(monkeypatch):
+        """The traced and the compiled step run the quantised base's autograd function (models/quantized.py;
+        int8, with the activation quantiser) as the eager one."""
         from gemma_tune.sampling import sample
 
         model = _sampling_model()
@@ -233,6 +227,8 @@ if BACKEND == "torch":
         prompts = [[2] + list(range(20, 33)), [2, 7, 8]]
         settings = dict(max_new_tokens=8, temperature=0.7, top_k=40, stop_ids=[5], pad_id=0, prompt_slots=16)
         compiled = sample(model, prompts, seed=3, compile_step=True, **settings)
-        eager = sample(model, prompts, seed=3, **settings)
-        np.testing.assert_array_equal(compiled.tokens, eager.tokens)
-        np.testing.assert_allclose(compiled.logps, eager.logps, atol=1e-5)
+        traced = sample(model, prompts, seed=3, **settings)
+        eager = _eager_samples(model, prompts, monkeypatch, seed=3, **settings)
+        for samples in (compiled, traced):
+            np.testing.assert_array_equal(samples.tokens, eager.tokens)
+            np.testing.assert_allclose(samples.logps, eager.logps, atol=1e-5)
