@@ -181,7 +181,7 @@ def test_token_logps_and_entropy_match_numpy(softcap, chunk_size, temperature):
 
 
 def test_target_logits_are_the_gathered_entries_and_their_gradient_the_one_hot(value_and_grads):
-    """`target_logits` (a select summed over the vocabulary on JAX and TensorFlow, a gather on torch) gives
+    """`target_logits` (a select summed over the vocabulary on TensorFlow, a gather on JAX and torch) gives
     z[..., y] bit for bit, and its gradient is exactly the one-hot mask of the targets, with the weights of the
     objective — as NumPy's gather and its scatter, on every backend."""
     from gemma_tune.methods.logps import target_logits

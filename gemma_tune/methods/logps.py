@@ -27,14 +27,14 @@ from gemma_tune.methods.padding import pad_tail
 def target_logits(logits, targets):
     """z[..., y]: each target's entry of `logits` [..., V], for int `targets` [...] -> [...], exactly.
 
-    On JAX and TensorFlow a select against the vocabulary's ids, summed over V: its one non-zero term is z_y,
-    so the value is bit-equal to a gather's and so is the gradient (the one-hot mask). XLA fuses it into the
-    pass the log-sum-exp makes over the logits, and it spares TensorFlow's graph executor the gather's gradient,
-    a dense [..., V] UnsortedSegmentSum (a fifth of a LoRA step's time on the CPU: bench/RESULTS.md, "TensorFlow:
-    where the step's time goes"). On torch a gather (`take_along_axis`): eager torch would build the [..., V]
-    mask and selection in memory.
+    On TensorFlow a select against the vocabulary's ids, summed over V: its one non-zero term is z_y, so the
+    value is bit-equal to a gather's and so is the gradient (the one-hot mask), and it spares TensorFlow's graph
+    executor the gather's gradient, a dense [..., V] UnsortedSegmentSum (a fifth of a LoRA step's time on the
+    CPU: bench/RESULTS.md, "TensorFlow: where the step's time goes"). Elsewhere a gather (`take_along_axis`):
+    on JAX the select gained nothing (XLA fuses either) and moved the compiled step's rounding elsewhere; eager
+    torch would build the [..., V] mask and selection in memory.
     """
-    if keras.backend.backend() == "torch":
+    if keras.backend.backend() != "tensorflow":
         return ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1), -1)
     vocab = ops.arange(logits.shape[-1], dtype=targets.dtype)
     return ops.sum(ops.where(ops.equal(ops.expand_dims(targets, -1), vocab), logits, 0.0), axis=-1)

@@ -51,11 +51,9 @@ def rope_angles(positions, head_dim: int, theta: float, scaling_factor: float = 
 
 
 def apply_rope(x, cos, sin):
-    """Rotate `x` [B, T, heads, head_dim] by the angles from `rope_angles` (in x's dtype):
-    x·cos + [−x₂, x₁]·sin for the halves x₁, x₂ of head_dim. The halves are taken by `ops.split`, whose
-    gradient is a concatenation; TensorFlow makes each slice's gradient a full-size zero-padded tensor."""
-    first, second = ops.split(x, 2, axis=-1)
-    rotated = ops.concatenate([-second, first], axis=-1)
+    """Rotate `x` [B, T, heads, head_dim] by the angles from `rope_angles` (in x's dtype)."""
+    half = x.shape[-1] // 2
+    rotated = ops.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * ops.cast(cos, x.dtype) + rotated * ops.cast(sin, x.dtype)
 
 
