@@ -16,12 +16,17 @@
 # (ALL_TIMEOUT s per system, 110 by default; STEPS 6 there unless set).
 # `bench/gpu.sh qlora` runs QLoRA (an int4 per-channel base, LoRA r16 on q,v) at 4 x 2048: on torch ours compiled
 # (jit_compile auto) and ours eager, on JAX ours and keras-hub (its decoder projections quantised the same way).
+# `bench/gpu.sh flex` checks torch's attention paths against the plain one on the GPU (scripts/check_gpu_attention.py:
+# logits, every weight's gradient under torch.compile — FlexAttention's backward exists on a GPU only — and the
+# forward+backward time at 1 x LONG_LENGTH; JSON lines in attention.jsonl), then trains on torch at 4 x 2048 ours
+# as a run gets it (compiled; FlexAttention on Hopper and Blackwell) beside ours on the chunked path (what "auto" took
+# there before), and ours at 1 x 32768: CHECK_TIMEOUT (240 s) + 3 x ALL_TIMEOUT (110 s), 6 timed steps unless STEPS.
 # `bench/gpu.sh decode` runs bench/decode_speed.py at DECODE_BATCH (64) rows x 256 new tokens: on torch ours
 # eager, ours with the compiled step and transformers; on JAX ours and keras-hub (its JSON lines in decode.jsonl).
 # Output: the table per run on stdout, JSON lines in $OUT/gpu.jsonl, the whole log in $OUT/gpu.log.
 # Environment (defaults for the GPU run; a CPU check sets a tiny preset): PYTHON (python3), PRESET
 # (gemma3_1b), ARCH (extra sft_bench.py arguments, e.g. "--arch num_layers=2"), BATCH (4), LENGTH (2048),
-# XLONG_LENGTH (32768, the long set),
+# XLONG_LENGTH (32768, the long and flex sets), CHECK_LENGTH (1024, the flex set's packed check rows),
 # LONG_LENGTH (8192), STEPS (10), WARMUP (3), DTYPE (bfloat16), SYSTEM_TIMEOUT (190 s per system and
 # run), LONG_TIMEOUT (140 s, the 1 x 8192 run): 2 x 190 + 140 s at most, inside a 600 s device call.
 set -uo pipefail
@@ -91,6 +96,15 @@ elif [ "${1:-main}" = qlora ]; then
         --systems ours,ours-eager --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --quantize int4 --batch "$BATCH" --length "$LENGTH" --systems ours,keras-hub --timeout "$SYSTEM_TIMEOUT" \
         || status=1
+elif [ "${1:-main}" = flex ]; then
+    ALL_TIMEOUT=${ALL_TIMEOUT:-110}
+    [ -n "${STEPS_SET:-}" ] || STEPS=6
+    KERAS_BACKEND=torch timeout "${CHECK_TIMEOUT:-240}" "$PYTHON" scripts/check_gpu_attention.py \
+        "${CHECK_LENGTH:-1024}" "$LONG_LENGTH" | tee -a "$OUT/attention.jsonl" || status=1
+    KERAS_BACKEND=torch bench --backend torch --batch "$BATCH" --length "$LENGTH" --systems ours,ours-chunked \
+        --timeout "$ALL_TIMEOUT" || status=1
+    KERAS_BACKEND=torch bench --backend torch --batch 1 --length "$XLONG_LENGTH" --systems ours \
+        --timeout "$ALL_TIMEOUT" || status=1
 elif [ "${1:-main}" = more ]; then
     bench --full --batch "$BATCH" --length "$LENGTH" --timeout "$SYSTEM_TIMEOUT" || status=1
     bench --batch "$BATCH" --length "$LENGTH" --systems keras-hub --keras-hub-dtype mixed_bfloat16 \

@@ -36,7 +36,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 # ours' variants: the same trainer with one option set (a column each, beside "ours" and keras-hub in one run)
 OURS_VARIANTS = {"ours": {}, "ours-eager": {"jit": False}, "ours-compiled": {"jit": True},
-                 "ours-dense": {"attention": "fused"}, "ours-chunked": {"attention": "chunked"}}
+                 "ours-dense": {"attention": "fused"}, "ours-chunked": {"attention": "chunked"},
+                 "ours-flex": {"attention": "flex"}}
 SYSTEMS = (*OURS_VARIANTS, "keras-hub")
 DEFAULT_SYSTEMS = ("ours", "keras-hub")
 ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exhausted)\b")  # "ValueError: …", "XlaRuntimeError: …"
@@ -66,11 +67,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jit", default="auto", choices=("auto", "true", "false"), help="compile(jit_compile=…)")
     p.add_argument("--remat", action="store_true", help="ours: rematerialise each block (train.remat)")
     p.add_argument("--loss-chunk-size", type=int, default=1024, help="ours: train.loss_chunk_size")
-    p.add_argument("--attention", default="auto", choices=("auto", "plain", "fused", "chunked"),
+    p.add_argument("--attention", default="auto", choices=("auto", "plain", "fused", "chunked", "flex"),
                    help="ours: attention path")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated subset of: " + ", ".join(SYSTEMS) + " (ours-eager / ours-compiled: --jit "
-                        "false / true for ours alone; ours-dense / ours-chunked: --attention fused / chunked)")
+                        "false / true for ours alone; ours-dense / ours-chunked / ours-flex: --attention fused / "
+                        "chunked / flex)")
     p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"), choices=("jax", "tensorflow", "torch"))
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by device name)")
     p.add_argument("--seed", type=int, default=0)

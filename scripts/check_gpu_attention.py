@@ -1,11 +1,14 @@
 """GPU check of the attention fast paths against the keras.ops reference (run on a CUDA machine).
 
     KERAS_BACKEND=jax python scripts/check_gpu_attention.py [LENGTH LONG_LENGTH]   (default 2048 8192)
+    KERAS_BACKEND=torch python scripts/check_gpu_attention.py [LENGTH LONG_LENGTH]
 
-Builds a small Gemma 3 model in bfloat16 and in float32, runs a packed batch through the "plain",
-"fused" and (JAX) "cudnn" attention paths, and prints the max abs logit difference of each against the
-plain path, plus the forward+backward time of each at batch 1 × 8192. Exits 1 if a path disagrees
-beyond bfloat16 tolerance.
+Builds a small Gemma 3 model in bfloat16 and in float32, runs a packed batch through each attention path of the
+backend ("plain", "fused", JAX's "cudnn"; torch's "chunked" and "flex") and prints the max abs logit difference of
+each against the plain path. On torch it also checks FlexAttention's gradient of every weight under torch.compile
+against the plain path's (its backward exists on a GPU only, so this is where it is checked: relative to the largest
+plain gradient of that weight), and says whether "auto" takes FlexAttention here. Then the forward+backward time of each path at batch 1 × LONG_LENGTH
+(on torch with the step compiled). Exits 1 if a path disagrees beyond bfloat16 tolerance or fails to run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import sys
 import time
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -37,12 +41,58 @@ def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
     return {"token_ids": token_ids, "segment_ids": segment_ids, "positions": positions}
 
 
+def check_torch_gradients(arch, weights, batch) -> bool:
+    """Every weight's gradient of mean(logits²) over the real tokens, FlexAttention's under torch.compile, against
+    the plain path's: the largest difference relative to the largest plain gradient of that weight. Prints whether
+    attention "auto" takes FlexAttention on this GPU."""
+    import torch
+
+    from gemma_tune.models.flex import FLEX_CAPABILITY_MAJORS
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU: the script's logic (flex has no backward)
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    print(json.dumps({"check": "flex for auto", "capability": capability,
+                      "auto_takes_flex": capability is not None and capability[0] in FLEX_CAPABILITY_MAJORS}),
+          flush=True)
+    inputs = {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+    real = inputs["segment_ids"] > 0
+    ok, reference = True, None
+    for dtype in ("float32", "bfloat16"):
+        for path in ("plain", "flex"):  # the other paths' gradients are checked on the CPU (tests/)
+            model = build_model(arch, dtype=dtype, attention_implementation=path)
+            model.set_weights(weights)
+            variables = [v.value for v in model.trainable_variables]
+
+            def loss(inputs):
+                return torch.mean(model(inputs, training=True).float()[real] ** 2)
+
+            torch._dynamo.reset()  # each model its own compilation
+            try:
+                value = torch.compile(loss)(inputs)
+                grads = [g.float() for g in torch.autograd.grad(value, variables)]
+            except Exception as e:  # a path that cannot run here is a finding
+                ok = False
+                print(json.dumps({"check": "gradients", "dtype": dtype, "path": path, "error": repr(e)[:400]}),
+                      flush=True)
+                continue
+            if path == "plain":
+                reference = grads
+            worst = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, reference))
+            tol = 1e-3 if dtype == "float32" else 0.1
+            ok &= worst <= tol
+            print(json.dumps({"check": "gradients", "dtype": dtype, "path": path, "loss": float(value),
+                              "max_rel_diff": worst, "tol": tol}), flush=True)
+    return ok
+
+
 def main(length: int = 2048, long_length: int = 8192) -> int:
     arch = Architecture(family="gemma3", vocab_size=4096, hidden_size=512, intermediate_size=1024, num_layers=6,
                         num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
                         sliding_window_pattern=6, rope_theta=1e6, rope_local_theta=1e4,
                         use_post_attention_norm=True, use_post_ffw_norm=True, use_qk_norm=True)
-    paths = ["plain", "fused"] + (["cudnn"] if cudnn_attention_available("bfloat16") else [])
+    backend = keras.backend.backend()
+    paths = ["plain", "fused"] + {"jax": ["cudnn"] if cudnn_attention_available("bfloat16") else [],
+                                  "torch": ["chunked", "flex"]}.get(backend, [])
     weights = build_model(arch, attention_implementation="plain").get_weights()
     batch = packed_batch(2, length, arch.vocab_size)
     real = batch["segment_ids"] > 0
@@ -60,10 +110,13 @@ def main(length: int = 2048, long_length: int = 8192) -> int:
             ok &= diff <= tol
             print(json.dumps({"check": "logits", "dtype": dtype, "path": path, "max_abs_diff": diff, "tol": tol}),
                   flush=True)
+    if backend == "torch":
+        ok &= check_torch_gradients(arch, weights, batch)
     long_batch = packed_batch(1, long_length, arch.vocab_size, seed=1)
     for path in paths:
         model = build_model(arch, dtype="bfloat16", attention_implementation=path)
-        model.compile(optimizer="sgd", loss=lambda y, p: ops.mean(ops.cast(p, "float32") ** 2))
+        model.compile(optimizer="sgd", loss=lambda y, p: ops.mean(ops.cast(p, "float32") ** 2),
+                      jit_compile=True if backend == "torch" else "auto")
         target = np.zeros((1,), "float32")
         try:
             model.train_on_batch(long_batch, target)

@@ -21,6 +21,7 @@ out of the tile; in training each tile is rematerialised, so a layer keeps O(T) 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import keras
@@ -30,6 +31,7 @@ from gemma_tune.models.layers import RMSNorm, apply_rope, rope_angles
 from gemma_tune.models.init import HostNormal
 from gemma_tune.models.projection import Projection
 from gemma_tune.models import tiling
+from gemma_tune.models.flex import block_mask, flex_attention, flex_attention_applies
 from gemma_tune.models.cache import write_slots
 
 MASKED_LOGIT = -1e30
@@ -73,10 +75,12 @@ def attention_mask(query_index, key_index, query_segment, key_segment, window: i
 class AttentionStructure:
     """Which (query, key) pairs attend — the rule of `attention_mask`, as its inputs rather than its output.
 
-    `self_attention`: queries and keys are one frame (query i is key i: a forward pass without a cache), so a
-    causal tile of queries [start, stop) never sees keys ≥ stop, nor (sliding layers) keys ≤ start − window.
+    `self_attention`: queries and keys are one frame (query i is key i, the indices are the token axis: a forward
+    pass without a cache), so a causal tile of queries [start, stop) never sees keys ≥ stop, nor (sliding layers)
+    keys ≤ start − window.
     `mask`: the dense [B, Tq, Tk] mask, built once outside any rematerialised block when the path that runs
     reads it; None on the chunked path (a dense path that meets None builds it then: `dense`).
+    `block_mask`: on the FlexAttention path, its `BlockMask` (`flex.block_mask`), built once the same way.
     """
 
     query_index: object
@@ -89,6 +93,7 @@ class AttentionStructure:
     window_bounds_blocks: bool = True
     self_attention: bool = False
     mask: object = None
+    block_mask: object = None
 
     @property
     def causal(self) -> bool:
@@ -119,14 +124,15 @@ class AttentionStructure:
 
 def attention_structure(query_index, key_index, query_segment, key_segment, window: int | None = None,
                         query_block=None, key_block=None, *, window_bounds_blocks: bool = True,
-                        self_attention: bool = False, dense: bool = True) -> AttentionStructure:
-    """An `AttentionStructure`, with its dense mask built now when `dense`."""
+                        self_attention: bool = False, dense: bool = True, flex: bool = False) -> AttentionStructure:
+    """An `AttentionStructure`, with its dense mask built now when `dense`, its FlexAttention `BlockMask` when
+    `flex`."""
     structure = AttentionStructure(query_index, key_index, query_segment, key_segment, window, query_block,
                                    key_block, window_bounds_blocks, self_attention)
-    if not dense:
+    if not (dense or flex):
         return structure
-    return AttentionStructure(query_index, key_index, query_segment, key_segment, window, query_block,
-                              key_block, window_bounds_blocks, self_attention, mask=structure.dense())
+    return dataclasses.replace(structure, mask=structure.dense() if dense else None,
+                               block_mask=block_mask(structure) if flex else None)
 
 
 def plain_attention(query, key, value, mask, *, scale: float, softcap: float | None):
@@ -201,6 +207,14 @@ def chunked_attention(query, key, value, structure: AttentionStructure, *, scale
     return tiles[0] if len(tiles) == 1 else ops.concatenate(tiles, axis=1)
 
 
+def runs_flex(implementation: str, tensor, self_attention: bool) -> bool:
+    """Whether `attend` takes FlexAttention (`flex.flex_attention`): "flex", or "auto" for self-attention (a
+    forward pass without a cache) where `flex.flex_attention_applies` to `tensor` (the queries or their segment
+    ids): torch.compile tracing for a Hopper or Blackwell GPU."""
+    return implementation == "flex" or (implementation == "auto" and self_attention
+                                        and flex_attention_applies(tensor))
+
+
 def runs_in_chunks(implementation: str, query_length, dtype, causal_self_attention: bool) -> bool:
     """Whether `attend` takes the chunked path: "chunked", or "auto" from `tiling.CHUNKED_FROM` queries on (a
     static length) unless the cuDNN path applies (causal self-attention, JAX on a GPU, 16-bit)."""
@@ -240,11 +254,22 @@ def attend(query, key, value, structure: AttentionStructure, *, scale: float, so
 
     `implementation`: "plain" (keras.ops reference over the dense mask), "fused"
     (`keras.ops.dot_product_attention`), "cudnn" (JAX GPU flash attention, causal self-attention only),
-    "chunked" (`chunked_attention`: tiles of queries, no dense mask; a soft-cap tile is plain), or "auto":
-    chunked where `runs_in_chunks`, else cuDNN where it applies, else fused without a soft-cap, else plain.
-    cuDNN applies causal structure itself and would drop the key-after-query pairs of attention blocks (a
-    PaliGemma prefix, a Gemma 3 image): with blocks "auto" takes the fused path and "cudnn" is an error.
+    "chunked" (`chunked_attention`: tiles of queries, no dense mask; a soft-cap tile is plain), "flex" (torch's
+    FlexAttention, `flex.flex_attention`: any structure and the soft-cap, no dense mask; no backward on a CPU),
+    or "auto": FlexAttention where `runs_flex`, else chunked where `runs_in_chunks`, else cuDNN where it
+    applies, else fused without a soft-cap, else plain. cuDNN applies causal structure itself and would drop the
+    key-after-query pairs of attention blocks (a PaliGemma prefix, a Gemma 3 image): with blocks "auto" takes
+    the fused path and "cudnn" is an error.
     """
+    if runs_flex(implementation, query, structure.self_attention):
+        if keras.backend.backend() != "torch":
+            raise ValueError(f"the flex attention path is torch's FlexAttention; on {keras.backend.backend()} "
+                             "use attention implementation auto, fused, chunked or plain")
+        query, key, value = (ops.convert_to_tensor(x) for x in (query, key, value))
+        if query.device.type == "cpu" and any(x.requires_grad for x in (query, key, value)):
+            raise ValueError("torch has no FlexAttention backward on a CPU: take gradients there (or run outside "
+                             "torch.no_grad) with attention implementation auto, fused, chunked or plain")
+        return flex_attention(query, key, value, structure, scale=scale, softcap=softcap)
     causal_self = structure.self_attention and structure.causal
     if runs_in_chunks(implementation, query.shape[1], query.dtype, causal_self):
         return chunked_attention(query, key, value, structure, scale=scale, softcap=softcap, training=training)

@@ -31,7 +31,7 @@ import math
 import keras
 from keras import ops
 
-from gemma_tune.models.attention import GemmaAttention, attention_structure, runs_in_chunks
+from gemma_tune.models.attention import GemmaAttention, attention_structure, runs_flex, runs_in_chunks
 from gemma_tune.models.config import Architecture
 from gemma_tune.models.init import HostNormal, no_initial_draws
 from gemma_tune.models.layers import GatedMLP, RMSNorm
@@ -145,13 +145,16 @@ class GemmaCausalLM(keras.Model):
     def _structures(self, query_index, key_index, query_segment, key_segment, query_block=None, key_block=None,
                     *, self_attention: bool):
         """One `AttentionStructure` per attention kind present: {None: global, window: sliding}, each with its
-        dense mask unless the layers attend in chunks (`runs_in_chunks`)."""
+        FlexAttention block mask where the layers take that path (`runs_flex`), else its dense mask unless they
+        attend in chunks (`runs_in_chunks`)."""
         windows = {block.attention.window for block in self.blocks}
-        chunked = runs_in_chunks(self.attention_implementation, query_segment.shape[1], self.compute_dtype,
-                                 self_attention and query_block is None)
+        flex = runs_flex(self.attention_implementation, query_segment, self_attention)
+        dense = not (flex or runs_in_chunks(self.attention_implementation, query_segment.shape[1],
+                                            self.compute_dtype, self_attention and query_block is None))
         return {w: attention_structure(query_index, key_index, query_segment, key_segment, w, query_block,
                                        key_block, window_bounds_blocks=not self.architecture.prefix_lm,
-                                       self_attention=self_attention, dense=not chunked) for w in windows}
+                                       self_attention=self_attention, dense=dense, flex=flex)
+                for w in windows}
 
     def embed_inputs(self, token_ids, images=None, prefix_mask=None):
         """(hidden states entering the blocks [B, T, d], attention blocks [B, T] or None): the token
