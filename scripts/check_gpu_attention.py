@@ -119,7 +119,17 @@ def main(length: int = 2048, long_length: int = 8192) -> int:
                       jit_compile=True if backend == "torch" else "auto")
         target = np.zeros((1,), "float32")
         try:
+            if backend == "torch":  # as the trainer compiles: once (a recompile is an error here)
+                import torch
+
+                from gemma_tune.train.compiling import eager_first_call
+
+                model.make_train_function()
+                model.train_function = eager_first_call(model.train_function)
+                torch._dynamo.reset()
+                torch._dynamo.config.error_on_recompile = True
             model.train_on_batch(long_batch, target)
+            model.train_on_batch(long_batch, target)  # torch: the first compiled call
             start = time.perf_counter()
             for _ in range(3):
                 model.train_on_batch(long_batch, target)

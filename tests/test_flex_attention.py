@@ -15,6 +15,7 @@ from keras import ops
 
 from gemma_tune.models import attention, build_model, flex
 from gemma_tune.models.attention import attend, plain_attention
+from gemma_tune.train.compiling import end_layer_calls
 
 from test_attention_chunks import CASES, LENGTH, qkv, structure_for
 from test_model import numpy, packed_batch, randomised, tiny
@@ -101,9 +102,37 @@ if keras.backend.backend() == "torch":
             return trainer(batch, training=True)["loss"]
 
         forward(batch)  # the trainer's first step runs eagerly (eager_first_call); dynamo traces the next
-        explained = torch._dynamo.explain(forward)(batch)
+        try:
+            explained = torch._dynamo.explain(forward)(batch)
+        finally:  # traced outside the trainer's compiled step, which ends its layer calls itself
+            end_layer_calls()
         assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
         assert explained.graph_count == 1
+
+    def test_a_compiled_evaluation_through_flex_compiles_once_and_ends_its_layer_calls():
+        """The trainer's compiled test step (what a GPU run evaluates with) through FlexAttention: the plain path's
+        metrics, one compilation over repeated calls (dynamo's `error_on_recompile`), and no Keras layer call
+        context left behind (torch 2.13's dynamo drops it: `compiling.end_layer_calls`), so an eager call after it
+        is an inference call."""
+        import keras
+        import torch
+        from keras.src.backend.common import global_state
+
+        from test_torch_compile import _batch, _trainer
+
+        results = {}
+        for path in ("plain", "flex"):
+            trainer, architecture = _trainer("gemma3_tiny", path, sliding_window=8)
+            trainer.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=path == "flex")
+            batch = _batch(architecture)
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                results[path] = [trainer.test_on_batch(batch, return_dict=True) for _ in range(4)]
+            assert global_state.get_global_attribute("current_call_ctx") is None
+        for got in results["flex"]:
+            assert got.keys() == results["plain"][0].keys()
+            for key, value in got.items():
+                np.testing.assert_allclose(value, results["plain"][0][key], rtol=1e-5, err_msg=key)
 
     def test_flex_gradients_on_a_cpu_are_a_clear_error():
         structure = structure_for(None, False, True, dense=False)

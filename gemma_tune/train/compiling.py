@@ -17,7 +17,8 @@ first call, the step would be guarded on their absence and compile again on the 
 results — and the compiled function from the second on, when that state is in its steady form: each step
 compiles once (tests/test_torch_compile.py trains and evaluates under dynamo's `error_on_recompile`). State
 that changes at every call must stay out of the step: `keras.ops.pad` names a new Keras `Operation` each time
-(`gemma_tune.methods.padding`).
+(`gemma_tune.methods.padding`). After each compiled call the layer call context is cleared (`end_layer_calls`):
+a step through FlexAttention would otherwise leave it set (tests/test_flex_attention.py).
 
 Block remat (`train.remat`) inside a compiled torch step is the compiler's: the blocks are traced whole
 (`gemma_tune.models.remat`) and AOTAutograd's partitioner, given an activation memory budget of 0, keeps only
@@ -38,7 +39,8 @@ def jit_compile_for(setting, backend: str, device_kind: str) -> bool | str:
 
 def eager_first_call(function, recompute: bool = False):
     """`function` unchanged unless it is a `torch.compile`d one; then a function that calls the original,
-    uncompiled, the first time and the compiled one after (module docstring). `recompute` (a model with
+    uncompiled, the first time and the compiled one after, each compiled call followed by `end_layer_calls`
+    (module docstring). `recompute` (a model with
     `train.remat`): the compiled function is compiled under an activation memory budget of 0, so the backward
     recomputes the forward's activations rather than keeping them (`gemma_tune.models.remat`)."""
     eager = getattr(function, "_torchdynamo_orig_callable", None)
@@ -50,11 +52,26 @@ def eager_first_call(function, recompute: bool = False):
         calls[0] += 1
         if calls[0] == 1:
             return eager(*args, **kwargs)
-        if not recompute:
-            return function(*args, **kwargs)
-        from torch._functorch import config
+        try:
+            if not recompute:
+                return function(*args, **kwargs)
+            from torch._functorch import config
 
-        with config.patch(activation_memory_budget=0.0):
-            return function(*args, **kwargs)
+            with config.patch(activation_memory_budget=0.0):
+                return function(*args, **kwargs)
+        finally:
+            end_layer_calls()
 
     return call
+
+
+def end_layer_calls() -> None:
+    """Clears Keras' layer call context, as the outermost layer's call does when it returns: outside a step no
+    layer call is in progress. A compiled step can leave it set: torch 2.13's dynamo drops the Python attribute
+    stores that follow a FlexAttention call in the traced frame when any came before it (the higher-order op's
+    subgraph tracing restores a copy of the side effects taken before it), and Keras stores the context before
+    the model's layers run and clears it after. Left set, it would give later eager calls the step's `training`
+    and fail the next call's guards (a recompile at every step)."""
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("current_call_ctx", None)
