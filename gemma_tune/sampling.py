@@ -33,13 +33,14 @@ Compilation: JAX jits the whole function over the variables' current values (`ke
 the values are read at each call, so a changed weight changes the samples); TensorFlow runs it as a
 `tf.function` compiled by XLA (`jit_compile=True`, as keras-hub's generate; the while loop becomes
 `tf.while_loop`; 3.5× faster than without XLA for gemma3_tiny, 64 rows × 64 tokens on CPU); PyTorch runs the
-loop in Python under `torch.no_grad()`, the prefill eager and its step (`_decode_step`: one token through the model
-and the sampling rule) as one traced graph of aten operations (`_torch_graph_step`; the KV cache written by
-`models.cache.write_slots`, the slot a tensor: one graph serves every step of a call and every call of the same
-shapes), run as traced or, with `compile_step`, compiled by torch.compile. Tracing costs about one eager call
-(0.7 s for gemma3_tiny) and makes a step 2–3× faster than running the Keras layers eagerly, whose Python costs
-more than their arithmetic at small sizes; compiling costs tens of seconds (CPU) and pays off over many calls
-(online RL's rounds), so it is the caller's choice. The functions are kept on the model per (temperature, top_k,
+loop in Python under `torch.no_grad()`, its step (`_decode_step`: one token through the model and the sampling
+rule) as one traced graph of aten operations (`_torch_graph`; the KV cache written by `models.cache.write_slots`,
+the slot a tensor: one graph serves every step of a call and every call of the same shapes), run as traced or,
+with `compile_step`, compiled by torch.compile; the prefill (`_prefill`) likewise from the second call of the same
+shapes on (the first runs it eagerly: a single call would pay its trace for nothing). Tracing costs about one
+eager call (0.7 s for gemma3_tiny) and makes a step 2–3× faster than running the Keras layers eagerly, whose Python
+costs more than their arithmetic at small sizes; compiling costs tens of seconds (CPU) and pays off over many
+calls (online RL's rounds), so it is the caller's choice. The functions are kept on the model per (temperature, top_k,
 top_p, compile_step) while
 its variables stay the same: repeated calls with the same shapes compile nothing, and `prompt_slots` (left-padding
 every prompt to at least that many slots, which changes no sample: padding slots are never attended) keeps the
@@ -133,16 +134,11 @@ def _decode_step(model, settings, i, last, cache, out_tokens, out_logps, lengths
     return i + 1, last, cache, out_tokens, out_logps, lengths, done
 
 
-def _decode(model, settings, step, tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id, pixels,
-            key_blocks):
-    """The prefill and the decoding loop (module docstring), in keras.ops: (tokens, logps, lengths, stopped).
-    `settings` (temperature, top_k, top_p); `step` is `_decode_step` of this model and settings (compiled on
-    its own on torch); `is_stop` bool [vocab]: which ids are stop ids (one shape for any stop ids: nothing
-    recompiles)."""
+def _prefill(model, settings, tokens, positions, key_segments, uniforms, is_stop, pad_id, pixels, key_blocks):
+    """The prefill: the P prompt slots through the model into a new cache of P + N slots, and token 0 recorded.
+    Returns the loop state after it (last, cache, out_tokens, out_logps, lengths, done)."""
     from keras import ops
 
-    tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id = (
-        ops.convert_to_tensor(x) for x in (tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id))
     batch, prompt_len = tokens.shape
     steps = uniforms.shape[0]
     cache = model.init_cache(batch, prompt_len + steps)
@@ -153,6 +149,22 @@ def _decode(model, settings, step, tokens, positions, key_segments, prompt_lengt
     done = ops.zeros((batch,), "bool")
     last, out_tokens, out_logps, lengths, done = _record(settings, 0, logits[:, -1, :], out_tokens, out_logps,
                                                          lengths, done, uniforms, is_stop, pad_id)
+    return last, cache, out_tokens, out_logps, lengths, done
+
+
+def _decode(model, settings, prefill, step, tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id,
+            pixels, key_blocks):
+    """The prefill and the decoding loop (module docstring), in keras.ops: (tokens, logps, lengths, stopped).
+    `settings` (temperature, top_k, top_p); `prefill` and `step` are `_prefill` and `_decode_step` of this model
+    and settings (each traced on its own on torch); `is_stop` bool [vocab]: which ids are stop ids (one shape for
+    any stop ids: nothing recompiles)."""
+    from keras import ops
+
+    tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id = (
+        ops.convert_to_tensor(x) for x in (tokens, positions, key_segments, prompt_lengths, uniforms, is_stop, pad_id))
+    pixels, key_blocks = (None if x is None else ops.convert_to_tensor(x) for x in (pixels, key_blocks))
+    steps = uniforms.shape[0]
+    state = prefill(tokens, positions, key_segments, uniforms, is_stop, pad_id, pixels, key_blocks)
 
     def cond(i, last, cache, out_tokens, out_logps, lengths, done):
         return ops.logical_and(ops.less(i, steps), ops.logical_not(ops.all(done)))
@@ -160,7 +172,7 @@ def _decode(model, settings, step, tokens, positions, key_segments, prompt_lengt
     def body(*state):
         return step(*state, key_segments, prompt_lengths, uniforms, is_stop, pad_id)
 
-    state = (ops.convert_to_tensor(1, "int32"), last, cache, out_tokens, out_logps, lengths, done)
+    state = (ops.convert_to_tensor(1, "int32"), *state)
     _, _, _, out_tokens, out_logps, lengths, done = ops.while_loop(cond, body, state)
     return out_tokens, out_logps, lengths, done
 
@@ -175,7 +187,7 @@ class _Compiled:
 
 def _compiled(model, temperature: float, top_k: int | None, top_p: float | None, compile_step: bool):
     """`_decode` for these settings as the backend runs it best (module docstring), cached on the model.
-    `compile_step` (torch only): the loop's traced step (`_torch_graph_step`) compiled by torch.compile."""
+    `compile_step` (torch only): the loop's traced prefill and step (`_torch_graph`) compiled by torch.compile."""
     import functools
 
     import keras
@@ -191,8 +203,9 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
     compile_step = compile_step and backend == "torch"
     if (settings, compile_step) in holder.functions:
         return holder.functions[settings, compile_step]
+    prefill = functools.partial(_prefill, model, settings)
     step = functools.partial(_decode_step, model, settings)
-    decode = functools.partial(_decode, model, settings, step)
+    decode = functools.partial(_decode, model, settings, prefill, step)
     if backend == "jax":
         import jax
 
@@ -211,21 +224,26 @@ def _compiled(model, temperature: float, top_k: int | None, top_p: float | None,
     else:
         import torch
 
-        step_for_call = _torch_graph_step(step, variables, compile_step)
+        prefill_for_call = _torch_graph(prefill, variables, compile_step, eager_first=True)
+        step_for_call = _torch_graph(step, variables, compile_step)
 
         def function(*args):
             with torch.no_grad():
-                return _decode(model, settings, step_for_call(), *args)
+                return _decode(model, settings, prefill_for_call(), step_for_call(), *args)
     holder.functions[settings, compile_step] = function
     return function
 
 
-def _torch_graph_step(step, variables, compile_graph: bool):
-    """`step` on torch as one graph per input shapes: traced by `make_fx` over fake tensors into an aten graph
-    whose inputs are the variables' values and the step's tensors, run as traced, or compiled by `torch.compile`
-    when `compile_graph`. Returns `step_for_call()`: the step of one `sample` call, with the variables' values
-    read then (a changed weight is used by the next call; reading them costs 0.15 ms, a tenth of a compiled
-    step, so not at every step) and its graph looked up by the shapes of its first step.
+def _torch_graph(function, variables, compile_graph: bool, eager_first: bool = False):
+    """`function` (the prefill or the decoding step) on torch as one graph per input shapes: traced by `make_fx`
+    over fake tensors into an aten graph whose inputs are the variables' values and the function's tensors, run
+    as traced, or compiled by `torch.compile` when `compile_graph`. Returns `for_call()`: the function of one
+    `sample` call, with the variables' values read then (a changed weight is used by the next call; reading them
+    costs 0.15 ms, a tenth of a compiled step, so not at every step) and its graph looked up by the shapes of its
+    first call. With `eager_first` (the prefill, run once per `sample` call) a call of shapes not seen before runs
+    eagerly and the next call of those shapes traces: tracing costs about one eager call, so a single call (one
+    `generate`) would pay it for nothing, while the repeated calls of online RL's rounds or evaluation samples
+    reuse the graph.
 
     The graph holds no Python object. Run as traced it skips the Keras layers' Python (their calls, scopes and
     tensor conversions: two thirds of an eager step of gemma3_tiny); compiled, a call costs what the graph
@@ -239,18 +257,22 @@ def _torch_graph_step(step, variables, compile_graph: bool):
 
     def pure(values, *args):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return step(*args)
+            return function(*args)
 
-    graphs = {}
+    graphs, seen = {}, set()
 
-    def step_for_call():
+    def for_call():
         values = [v.value for v in variables]
         chosen = []
 
         def run(*args):
             if not chosen:
-                shapes = tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
+                shapes = tuple(None if x is None else (tuple(x.shape), x.dtype)
+                               for x in torch.utils._pytree.tree_leaves(args))
                 if shapes not in graphs:
+                    if eager_first and shapes not in seen:
+                        seen.add(shapes)
+                        return function(*args)
                     graph = make_fx(pure, tracing_mode="fake")(values, *args)
                     graphs[shapes] = torch.compile(graph, dynamic=False) if compile_graph else graph
                 chosen.append(graphs[shapes])
@@ -258,7 +280,7 @@ def _torch_graph_step(step, variables, compile_graph: bool):
 
         return run
 
-    return step_for_call
+    return for_call
 
 
 def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -273,8 +295,8 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     image. A prompt holds `tokens_per_image` slots of `image_token_id` per image, laid out as
     `vision_prompt.prompt_ids` does (else a VisionPromptError); images for a model without a vision encoder
     are a VisionPromptError, an image that cannot be read an ImageError naming it. `compile_step` (PyTorch;
-    ignored elsewhere, where the whole loop is compiled): the loop's traced step compiled by torch.compile
-    (module docstring), the same samples as the traced step. `prompt_slots`: the prompts are left-padded to
+    ignored elsewhere, where the whole loop is compiled): the loop's traced prefill and step compiled by
+    torch.compile (module docstring), the same samples as the traced ones. `prompt_slots`: the prompts are left-padded to
     max(longest prompt, prompt_slots) slots (one shape for prompts of varying lengths). An empty prompt,
     max_new_tokens < 1, temperature < 0, top_k < 1 or top_p outside (0, 1] is a ValueError."""
     from keras import ops

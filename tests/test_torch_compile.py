@@ -141,16 +141,19 @@ if BACKEND == "torch":
 
         model.__dict__.pop("_gemma_tune_sampler", None)  # forget the traced functions, then the eager ones
         with monkeypatch.context() as patched:
-            patched.setattr(sampling, "_torch_graph_step", lambda step, variables, compile_graph: lambda: step)
+            patched.setattr(sampling, "_torch_graph", lambda function, variables, compile_graph, eager_first=False:
+                            lambda: function)
             samples = sampling.sample(model, prompts, **settings)
         model.__dict__.pop("_gemma_tune_sampler", None)
         return samples
 
     @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "paligemma2", "gemma3-vision"])
     def test_the_traced_decoding_step_samples_what_the_eager_step_samples(family, monkeypatch, tiny_vision_arch, tok):
-        """`sample` on torch runs its step as a traced aten graph (`sampling._torch_graph_step`): the eager Keras
-        step's tokens, log-probabilities, lengths and stops, sampling with top-k, top-p and stop ids, over
-        left-padded rows longer than the window; a vision model's prefill reads images, its steps the cache."""
+        """`sample` on torch runs its step, and from the second call of the same shapes its prefill, as traced aten
+        graphs (`sampling._torch_graph`): the eager Keras layers' tokens, log-probabilities, lengths and stops,
+        sampling with top-k, top-p and stop ids, over left-padded rows longer than the window; a vision model's
+        prefill reads images (other images at the second call: the traced prefill takes them as inputs), its steps
+        the cache."""
         from gemma_tune.sampling import sample
 
         set_random_seed(0)
@@ -165,21 +168,21 @@ if BACKEND == "torch":
         model = build_model(architecture)
         enable_lora(model, 4, 8, targets=["q", "v"])
         prompts = [[2] + list(range(20, 33)), [2, 7, 8], [2, 100, 101, 102, 103]]
-        images = None
+        images = {3: None, 4: None}
         if vision:
             from gemma_tune.vision_prompt import prompt_ids
 
             from test_generate_vision import pictures
 
-            images = [pictures(1, 0), pictures(2, 1), []]
+            images = {seed: [pictures(1, seed), pictures(2, seed + 10), []] for seed in (3, 4)}
             texts = ["hi", "What is in the picture?", "Say something."]
             prompts = [prompt_ids(tok, architecture, t, len(r), chat=not architecture.prefix_lm)
-                       for t, r in zip(texts, images)]
-        settings = dict(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.95, stop_ids=[5, 9], pad_id=0,
-                        images=images)
-        for seed in (3, 4):
-            traced = sample(model, prompts, seed=seed, **settings)
-            eager = _eager_samples(model, prompts, monkeypatch, seed=seed, **settings)
+                       for t, r in zip(texts, images[3])]
+        settings = dict(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.95, stop_ids=[5, 9], pad_id=0)
+        # the first call runs its prefill eagerly, the second (the same shapes) traces it
+        samples = {seed: sample(model, prompts, seed=seed, images=images[seed], **settings) for seed in (3, 4)}
+        for seed, traced in samples.items():
+            eager = _eager_samples(model, prompts, monkeypatch, seed=seed, images=images[seed], **settings)
             np.testing.assert_array_equal(traced.tokens, eager.tokens)
             np.testing.assert_allclose(traced.logps, eager.logps, atol=1e-5)
             assert traced.lengths.tolist() == eager.lengths.tolist()
@@ -204,6 +207,7 @@ if BACKEND == "torch":
                 np.testing.assert_allclose(again.logps, traced.logps, atol=1e-5)
                 assert again.lengths.tolist() == traced.lengths.tolist()
                 assert again.stopped.tolist() == traced.stopped.tolist()
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2  # and the prefill's
             np.testing.assert_array_equal(compiled.tokens, sample(model, prompts, seed=3, **settings).tokens)
             shorter = [p[:9] for p in prompts]  # a shorter longest prompt, the same slots: the same graph
             np.testing.assert_array_equal(sample(model, shorter, seed=3, compile_step=True, **settings).tokens,
