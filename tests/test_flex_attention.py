@@ -70,6 +70,24 @@ if keras.backend.backend() == "torch":
         assert all(s.block_mask is not None and s.mask is None for s in structures.values())
         np.testing.assert_allclose(numpy(model(batch))[real], numpy(plain(batch))[real], atol=1e-5)
 
+    @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+    def test_flex_vision_model_equals_plain(family, tiny_vision_arch, no_grad):
+        """Images as attention blocks, sliding windows shorter than them: PaliGemma 2's prefix (the window bounds
+        causal pairs only) and Gemma 3's images (the window bounds every pair)."""
+        arch = tiny_vision_arch(family)
+        plain = randomised(build_model(arch, attention_implementation="plain"))
+        model = build_model(arch, attention_implementation="flex")
+        model.set_weights(plain.get_weights())
+        tokens = arch.vision.tokens_per_image
+        image = arch.vision.image_token_id
+        ids = np.array([[2, *([image] * tokens), 9, 10, 11, 12, 13], [2, 7, *([image] * tokens), 8, 9, 0, 0]], "int32")
+        inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32"),
+                  "images": np.random.default_rng(2).uniform(-1, 1, (2, 1, 28, 28, 3)).astype("float32")}
+        if arch.prefix_lm:
+            inputs["prefix_mask"] = np.array([[1] * (tokens + 3) + [0] * 3, [1] * (tokens + 3) + [0] * 3], "int32")
+        real = inputs["padding_mask"] > 0
+        np.testing.assert_allclose(numpy(model(inputs))[real], numpy(plain(inputs))[real], atol=1e-5)
+
     def test_auto_takes_flex_where_it_applies(monkeypatch, no_grad):
         """Where `flex_attention_applies` (torch.compile tracing for a Hopper or Blackwell GPU) "auto" builds block
         masks and no dense mask, and gives the plain path's logits; a CPU outside torch.compile is not such a place."""
