@@ -296,8 +296,8 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     `vision_prompt.prompt_ids` does (else a VisionPromptError); images for a model without a vision encoder
     are a VisionPromptError, an image that cannot be read an ImageError naming it. `compile_step` (PyTorch;
     ignored elsewhere, where the whole loop is compiled): the loop's traced prefill and step compiled by
-    torch.compile (module docstring), the same samples as the traced ones. `prompt_slots`: the prompts are left-padded to
-    max(longest prompt, prompt_slots) slots (one shape for prompts of varying lengths). An empty prompt,
+    torch.compile (module docstring), the same samples as the traced ones. `prompt_slots`: the prompts are
+    left-padded to max(longest prompt, prompt_slots) slots (one shape for prompts of varying lengths). An empty prompt,
     max_new_tokens < 1, temperature < 0, top_k < 1 or top_p outside (0, 1] is a ValueError."""
     from keras import ops
 

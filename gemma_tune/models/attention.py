@@ -262,13 +262,6 @@ def attend(query, key, value, structure: AttentionStructure, *, scale: float, so
     the fused path and "cudnn" is an error.
     """
     if runs_flex(implementation, query, structure.self_attention):
-        if keras.backend.backend() != "torch":
-            raise ValueError(f"the flex attention path is torch's FlexAttention; on {keras.backend.backend()} "
-                             "use attention implementation auto, fused, chunked or plain")
-        query, key, value = (ops.convert_to_tensor(x) for x in (query, key, value))
-        if query.device.type == "cpu" and any(x.requires_grad for x in (query, key, value)):
-            raise ValueError("torch has no FlexAttention backward on a CPU: take gradients there (or run outside "
-                             "torch.no_grad) with attention implementation auto, fused, chunked or plain")
         return flex_attention(query, key, value, structure, scale=scale, softcap=softcap)
     causal_self = structure.self_attention and structure.causal
     if runs_in_chunks(implementation, query.shape[1], query.dtype, causal_self):

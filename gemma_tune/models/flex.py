@@ -5,11 +5,11 @@ The torch-specific fast path of `attention.attend` ("flex"). FlexAttention compu
     s_ij = scale · q_i·k_j;   s_ij = c · tanh(s_ij / c) (Gemma 2's soft-cap, a `score_mod`);
     out_i = Σ_j softmax_j(s_ij where allowed(i, j), else −∞) v_j
 
-with `allowed(i, j)` evaluated per element by a `mask_mod` over the `AttentionStructure`'s index, segment and block
-arrays — the elementwise form of `attention.attention_mask` (same segment, a real key, causal or the same block,
-within the window; a padding query sees its own slot). From it `create_block_mask` builds a `BlockMask`: per
-128 × 128 tile, whether it is empty, full or partial, [B, 1, ⌈T/128⌉, ⌈S/128⌉] integers instead of [B, T, S]. The
-compiled kernel skips the empty tiles (a causal sliding-window layer computes O(T · window), not O(T²)) and
+with `allowed(i, j)` evaluated per element by a `mask_mod` over the `AttentionStructure`'s index, segment and
+block arrays — the elementwise form of `attention.attention_mask` (same segment, a real key, causal or the same
+block, within the window; a padding query sees its own slot). From it `create_block_mask` builds a `BlockMask`:
+per 128 × 128 tile, whether it is empty, full or partial, [B, 1, ⌈T/128⌉, ⌈S/128⌉] integers instead of [B, T, S].
+The compiled kernel skips the empty tiles (a causal sliding-window layer computes O(T · window), not O(T²)) and
 evaluates `mask_mod` inside the partial ones, so neither the mask nor the scores are ever in memory.
 
 Compiled by torch.compile, FlexAttention is one fused Triton kernel on a GPU. Run eagerly it is a reference that
@@ -48,7 +48,9 @@ def mask_mod(structure):
     """The `mask_mod(b, h, q, k) -> bool` of `structure` (an `attention.AttentionStructure`): `attention_mask`'s
     rule for query q and key k of row b, read from the structure's arrays. In self-attention the token indices
     are q and k themselves (the structure's indices are the token axis), so none is gathered: a gather from an
-    index array computed inside the compiled graph is what inductor's CPU kernel cannot take."""
+    index array computed inside the compiled graph is what inductor's CPU kernel cannot take. The rule is
+    restated in tensor operators rather than by calling `attention_mask` on the pair: keras.ops read Keras' global
+    state, which dynamo then guards on inside FlexAttention's subgraph, and the compiled step recompiles."""
 
     def tensor(array):
         return None if array is None else ops.convert_to_tensor(array, "int32")
@@ -89,9 +91,16 @@ def block_mask(structure):
 def flex_attention(query, key, value, structure, *, scale: float, softcap: float | None):
     """Attention by FlexAttention. query [B, T, N, D], key/value [B, S, K, D] (K divides N: grouped heads share a
     key/value head), `structure` an `AttentionStructure` (its `block_mask` when built, else one is built here);
-    returns [B, T, N, D] in the query's dtype."""
+    returns [B, T, N, D] in the query's dtype. Another backend, or gradients on a CPU, is a ValueError."""
+    if keras.backend.backend() != "torch":
+        raise ValueError(f"the flex attention path is torch's FlexAttention; on {keras.backend.backend()} "
+                         "use attention implementation auto, fused, chunked or plain")
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
+    query, key, value = (ops.convert_to_tensor(x) for x in (query, key, value))
+    if query.device.type == "cpu" and any(x.requires_grad for x in (query, key, value)):
+        raise ValueError("torch has no FlexAttention backward on a CPU: take gradients there (or run outside "
+                         "torch.no_grad) with attention implementation auto, fused, chunked or plain")
     mask = structure.block_mask if structure.block_mask is not None else block_mask(structure)
     out = torch_flex_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                score_mod=None if softcap is None else soft_cap(softcap), block_mask=mask,
